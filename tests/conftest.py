@@ -20,3 +20,11 @@ def micro_model_dir() -> pathlib.Path:
     if not MICRO_MODEL.exists():
         pytest.fail(f"{MICRO_MODEL} is missing: the shared test bed must sit beside the repo")
     return MICRO_MODEL
+
+
+@pytest.fixture(scope="session")
+def micro_fp32(micro_model_dir):
+    """(config, fp32 params with _diff copied from AR) of the shared micro model."""
+    from convert.hf_params import read_hf_params
+
+    return read_hf_params(str(micro_model_dir))
