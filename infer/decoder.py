@@ -1,0 +1,450 @@
+"""Batched Orthrus (diffusion draft + AR verify) and plain AR generation over one shared KV cache.
+
+    results = generate(params, cfg, [[ids...], ...], mode="orthrus" | "ar", max_new_tokens=256)
+
+After a shared prefill (one AR pass over the right-padded prompts, which also yields the first
+token), the whole generation is one jit-compiled `lax.while_loop` with static shapes:
+
+- orthrus cycle: diffusion pass on [anchor, MASK x (K-1)] -> drafts d_1..d_{K-1}; AR pass on
+  [anchor, d_1..d_{K-1}] (writes K/V at each row's length); accept the longest verified prefix;
+  the correction/bonus token becomes the next anchor; commit `length += n_acc + 1`. Rejected K/V
+  stay in the cache as stale entries past `length` (masked, overwritten later): no copies.
+- ar step: one AR pass on [anchor]; commit `length += 1`.
+
+Rows have their own prompt length, acceptance, EOS and max_new_tokens; finished rows idle until the
+whole batch is done. Prompt lengths and batch sizes are padded to buckets, so new prompts reuse
+compiled code. `TRACE_COUNTS` counts traces of the jitted functions (a compile counter for tests).
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any, Callable, Iterator, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from orthrus_jax import spec as S
+from orthrus_jax.cache import KVCache, init_cache
+from orthrus_jax.config import Qwen3Config
+from orthrus_jax.model import ar_forward, draft_block, lm_logits
+
+Array = jax.Array
+MODES = ("orthrus", "ar")
+TRACE_COUNTS: collections.Counter = collections.Counter()
+MIN_LEN_BUCKET = 16
+
+
+class GenerationError(ValueError):
+    """A request the decoder cannot serve (empty prompt, prompt too long, bad settings)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# static description and loop state
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """Static (hashable) decode settings: everything that changes shapes or code paths."""
+
+    cfg: Qwen3Config
+    mode: str = "orthrus"
+    block_size: int = 32
+    max_new_tokens: int = 256  # output buffer length; per-row limits may be smaller
+    greedy: bool = True
+    filtered: bool = False  # top-k or top-p in use (sampling only)
+    eos_ids: tuple[int, ...] = ()
+
+    @property
+    def k(self) -> int:
+        """Tokens per pass in the loop: K (orthrus) or 1 (ar)."""
+        return self.block_size if self.mode == "orthrus" else 1
+
+    def cache_len(self, prompt_bucket: int) -> int:
+        # worst active row: length = prompt + max_new - 2, writes K entries; +1 slack as advised
+        return prompt_bucket + self.max_new_tokens + self.k + 1
+
+
+@flax.struct.dataclass
+class Sampling:
+    """Traced sampling values (changing them does not recompile)."""
+
+    temperature: Array
+    top_k: Array
+    top_p: Array
+
+    @classmethod
+    def make(cls, temperature: float, top_k: int, top_p: float) -> "Sampling":
+        return cls(jnp.float32(temperature if temperature > 0 else 1.0), jnp.int32(top_k),
+                   jnp.float32(top_p))
+
+
+@flax.struct.dataclass
+class DecodeState:
+    cache: KVCache
+    anchor: Array      # int32[B]: last emitted token, not yet in the cache
+    out: Array         # int32[B, max_new + K]: emitted tokens
+    n_out: Array       # int32[B]
+    max_new: Array     # int32[B]: per-row limit (0 for batch padding rows)
+    done: Array        # bool[B]
+    key: Array
+    cycles: Array      # int32[B]: loop iterations while the row was active
+    acc_hist: Array    # int32[B, K]: histogram of accepted drafts per cycle (0..K-1)
+    pos_acc: Array     # int32[B, max(K-1, 1)]: cycles where draft position i was accepted
+    steps: Array       # int32[]: loop iterations of the batch
+
+
+def _processed(spec: DecodeSpec, sampling: Sampling, logits: Array) -> Array:
+    return S.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p,
+                            filtered=spec.filtered)
+
+
+def _pick(spec: DecodeSpec, sampling: Sampling, key: Array, logits: Array) -> Array:
+    if spec.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return S.sample_tokens(key, _processed(spec, sampling, logits))
+
+
+def _write_rows(buf: Array, block: Array, start: Array) -> Array:
+    return jax.vmap(lambda b, x, s: jax.lax.dynamic_update_slice(b, x, (s,)))(buf, block, start)
+
+
+# ---------------------------------------------------------------------------------------------
+# prefill, step, loop (pure; jitted below)
+
+
+def prefill_fn(params: Any, spec: DecodeSpec, tokens: Array, prompt_lens: Array, max_new: Array,
+               sampling: Sampling, key: Array) -> DecodeState:
+    """AR pass over right-padded prompts [B, P]; samples the first token (the first anchor)."""
+    TRACE_COUNTS["prefill"] += 1
+    b, p = tokens.shape
+    dtype = params["embed"].dtype
+    cache = init_cache(spec.cfg, b, spec.cache_len(p), dtype)
+    hidden, cache = ar_forward(params, spec.cfg, tokens, cache)
+    last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
+    key, sub = jax.random.split(key)
+    first = _pick(spec, sampling, sub, lm_logits(params, last))
+    k = spec.block_size
+    out = jnp.zeros((b, spec.max_new_tokens + spec.k), jnp.int32).at[:, 0].set(first)
+    n_out = jnp.minimum(max_new, 1).astype(jnp.int32)
+    is_eos = jnp.zeros((b,), bool)
+    for e in spec.eos_ids:
+        is_eos = is_eos | (first == e)
+    done = (n_out >= max_new) | is_eos
+    return DecodeState(
+        cache=cache.replace(length=prompt_lens.astype(jnp.int32)), anchor=first, out=out,
+        n_out=n_out, max_new=max_new.astype(jnp.int32), done=done, key=key,
+        cycles=jnp.zeros((b,), jnp.int32), acc_hist=jnp.zeros((b, k), jnp.int32),
+        pos_acc=jnp.zeros((b, max(k - 1, 1)), jnp.int32), steps=jnp.int32(0))
+
+
+def step_fn(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Sampling) -> DecodeState:
+    """One cycle (orthrus: draft + verify; ar: one token) for every row; finished rows idle."""
+    cfg = spec.cfg
+    key, k_draft, k_verify = jax.random.split(state.key, 3)
+    cache = state.cache
+    if spec.mode == "orthrus":
+        k = spec.block_size
+        q_logits = lm_logits(params, draft_block(params, cfg, state.anchor, cache, k)[:, : k - 1])
+        if spec.greedy:
+            drafts = jnp.argmax(q_logits, axis=-1).astype(jnp.int32)
+        else:
+            q_lp = _processed(spec, sampling, q_logits)
+            drafts = S.sample_tokens(k_draft, q_lp)
+        block_in = jnp.concatenate([state.anchor[:, None], drafts], axis=1)
+        hidden, cache = ar_forward(params, cfg, block_in, cache)
+        p_logits = lm_logits(params, hidden)
+        if spec.greedy:
+            n_acc, nxt = S.greedy_verify(drafts, p_logits)
+        else:
+            n_acc, nxt = S.rejection_verify(k_verify, drafts, _processed(spec, sampling, p_logits),
+                                            q_lp)
+    else:
+        hidden, cache = ar_forward(params, cfg, state.anchor[:, None], cache)
+        nxt = _pick(spec, sampling, k_verify, lm_logits(params, hidden[:, 0]))
+        drafts = jnp.zeros((state.anchor.shape[0], 0), jnp.int32)
+        n_acc = jnp.zeros_like(nxt)
+    block, n_emit, finished = S.commit_block(drafts, n_acc, nxt, state.n_out, state.max_new,
+                                             spec.eos_ids)
+    active = ~state.done
+    n_emit = jnp.where(active, n_emit, 0)
+    new_anchor = jnp.take_along_axis(block, jnp.maximum(n_emit - 1, 0)[:, None], axis=1)[:, 0]
+    out = _write_rows(state.out, block, state.n_out)  # past n_out for finished rows: unused
+    length = jnp.where(active, cache.length + n_acc + 1, cache.length)
+    kk = state.acc_hist.shape[1]
+    hist = state.acc_hist + (active[:, None] & (jnp.arange(kk)[None, :] == n_acc[:, None]))
+    pos = state.pos_acc + (active[:, None]
+                           & (jnp.arange(state.pos_acc.shape[1])[None, :] < n_acc[:, None]))
+    return state.replace(
+        cache=cache.replace(length=length.astype(jnp.int32)),
+        anchor=jnp.where(active, new_anchor, state.anchor), out=out,
+        n_out=state.n_out + n_emit, done=state.done | (active & finished), key=key,
+        cycles=state.cycles + active.astype(jnp.int32), acc_hist=hist.astype(jnp.int32),
+        pos_acc=pos.astype(jnp.int32), steps=state.steps + 1)
+
+
+def loop_fn(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Sampling) -> DecodeState:
+    """Run step_fn until every row is done (at most max_new_tokens iterations)."""
+    TRACE_COUNTS["loop"] += 1
+
+    def cond(s):
+        return jnp.any(~s.done) & (s.steps < spec.max_new_tokens)
+
+    return jax.lax.while_loop(cond, lambda s: step_fn(params, spec, s, sampling), state)
+
+
+def _traced_step(params, spec, state, sampling):
+    TRACE_COUNTS["step"] += 1
+    return step_fn(params, spec, state, sampling)
+
+
+prefill_jit = jax.jit(prefill_fn, static_argnums=(1,))
+loop_jit = jax.jit(loop_fn, static_argnums=(1,))
+step_jit = jax.jit(_traced_step, static_argnums=(1,))
+
+
+# ---------------------------------------------------------------------------------------------
+# results and statistics
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Per-prompt statistics.
+
+    forward_passes counts passes this row took part in while active: 1 (prefill) + 2 per orthrus
+    cycle, or 1 + 1 per AR step. tpf = tokens / forward_passes (orthrus: tokens / (1 + 2 cycles)).
+    acceptance_length = drafts accepted per cycle, the bonus/correction token EXCLUDED (vLLM and
+    SGLang count the bonus, i.e. report ours + 1). acceptance_hist[n] = cycles that accepted n
+    drafts; position_acceptance[i] = cycles where draft i+1 was accepted / cycles. Times are the
+    batch's wall clock: ttft_s = start to first token (prefill), tokens_per_s = tokens / time.
+    """
+
+    tokens: int
+    forward_passes: int
+    cycles: int
+    tpf: float
+    acceptance_length: float
+    acceptance_hist: list[int]
+    position_acceptance: list[float]
+    ttft_s: float
+    time_s: float
+    tokens_per_s: float
+    finish_reason: str  # "eos" or "length"
+
+    def short(self) -> dict[str, Any]:
+        return {"tokens": self.tokens, "forward_passes": self.forward_passes,
+                "tpf": round(self.tpf, 4), "acceptance_length": round(self.acceptance_length, 4),
+                "tokens_per_s": round(self.tokens_per_s, 2), "ttft_s": round(self.ttft_s, 4)}
+
+
+@dataclasses.dataclass
+class GenerationResult:
+    token_ids: list[int]  # new tokens only, up to and including EOS
+    stats: GenerationStats
+
+
+def _row_stats(mode: str, n: int, cycles: int, hist: np.ndarray, pos: np.ndarray, eos: bool,
+               ttft: float, elapsed: float, k: int) -> GenerationStats:
+    passes = (1 + (2 if mode == "orthrus" else 1) * cycles) if n > 0 else 0
+    acc = float((hist * np.arange(len(hist))).sum() / cycles) if (cycles and mode == "orthrus") else 0.0
+    return GenerationStats(
+        tokens=n, forward_passes=passes, cycles=cycles, tpf=n / passes if passes else 0.0,
+        acceptance_length=acc,
+        acceptance_hist=[int(x) for x in hist] if mode == "orthrus" else [],
+        position_acceptance=([float(x) / cycles if cycles else 0.0 for x in pos[: k - 1]]
+                             if mode == "orthrus" else []),
+        ttft_s=ttft, time_s=elapsed, tokens_per_s=n / elapsed if elapsed > 0 else 0.0,
+        finish_reason="eos" if eos else "length")
+
+
+def summarize(results: Sequence[GenerationResult]) -> dict[str, Any]:
+    """Aggregate stats over many results: sums, pooled TPF and acceptance length."""
+    tokens = sum(r.stats.tokens for r in results)
+    passes = sum(r.stats.forward_passes for r in results)
+    cycles = sum(r.stats.cycles for r in results)
+    hists = [r.stats.acceptance_hist for r in results if r.stats.acceptance_hist]
+    hist = np.sum(hists, axis=0) if hists else np.zeros(0)
+    accepted = float((hist * np.arange(len(hist))).sum()) if len(hist) else 0.0
+    return {"prompts": len(results), "tokens": tokens, "forward_passes": passes, "cycles": cycles,
+            "tpf": tokens / passes if passes else 0.0,
+            "acceptance_length": accepted / cycles if (cycles and len(hist)) else 0.0,
+            "acceptance_hist": [int(x) for x in hist]}
+
+
+# ---------------------------------------------------------------------------------------------
+# host-side driver
+
+
+def length_bucket(n: int) -> int:
+    """Smallest of 16, 24, 32, 48, 64, 96, ... (powers of two and 1.5x) that holds n."""
+    b = MIN_LEN_BUCKET
+    while True:
+        if n <= b:
+            return b
+        if n <= b * 3 // 2:
+            return b * 3 // 2
+        b *= 2
+
+
+def batch_bucket(n: int, batch_size: int) -> int:
+    """Smallest power of two >= n, capped at batch_size."""
+    b = 1
+    while b < n:
+        b *= 2
+    return min(b, max(batch_size, n))
+
+
+def make_spec(cfg: Qwen3Config, *, mode: str = "orthrus", max_new_tokens: int = 256,
+              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+              block_size: int | None = None,
+              eos_token_ids: Sequence[int] | None = None) -> DecodeSpec:
+    if mode not in MODES:
+        raise GenerationError(f"mode must be one of {MODES}, got {mode!r}")
+    k = int(block_size or cfg.block_size)
+    if k < 2:
+        raise GenerationError(f"block_size must be >= 2, got {k}")
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise GenerationError(f"temperature must be >= 0, got {temperature}")
+    if not 0.0 < top_p <= 1.0:
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise GenerationError(f"top_k must be >= 0, got {top_k}")
+    greedy = temperature == 0.0
+    eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
+    return DecodeSpec(cfg=cfg, mode=mode, block_size=k, max_new_tokens=max(int(max_new_tokens), 1),
+                      greedy=greedy, filtered=(not greedy) and (top_k > 0 or top_p < 1.0),
+                      eos_ids=tuple(int(e) for e in eos))
+
+
+def _check_prompts(cfg: Qwen3Config, prompts: Sequence[Sequence[int]], max_new: int,
+                   max_len: int | None) -> int:
+    capacity = int(max_len or cfg.max_position_embeddings)
+    for i, p in enumerate(prompts):
+        if len(p) == 0:
+            raise GenerationError(f"prompt {i} is empty: at least one token is needed")
+        if len(p) + max_new > capacity:
+            raise GenerationError(
+                f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new} it needs "
+                f"{len(p) + max_new} cache positions but the cache holds {capacity}")
+        bad = [t for t in p if not 0 <= int(t) < cfg.vocab_size]
+        if bad:
+            raise GenerationError(f"prompt {i} has token id {bad[0]} outside vocab_size "
+                                  f"{cfg.vocab_size}")
+    return capacity
+
+
+def _pad_batch(prompts: Sequence[Sequence[int]], max_new: int, batch: int
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    p = length_bucket(max(len(x) for x in prompts))
+    tokens = np.zeros((batch, p), np.int32)
+    lens = np.ones((batch,), np.int32)
+    limits = np.zeros((batch,), np.int32)
+    for i, x in enumerate(prompts):
+        tokens[i, : len(x)] = x
+        lens[i] = len(x)
+        limits[i] = max_new
+    return tokens, lens, limits
+
+
+class _Batch:
+    """One padded batch: prefill, then either the single while_loop or a Python stepper."""
+
+    def __init__(self, params, spec: DecodeSpec, prompts, max_new: int, batch: int,
+                 sampling: Sampling, key: Array):
+        self.params, self.spec, self.sampling, self.n = params, spec, sampling, len(prompts)
+        tokens, lens, limits = _pad_batch(prompts, max_new, batch)
+        self.t0 = time.perf_counter()
+        self.state = prefill_jit(params, spec, jnp.asarray(tokens), jnp.asarray(lens),
+                                 jnp.asarray(limits), sampling, key)
+        self.first = np.asarray(self.state.anchor)  # host sync: time to first token
+        self.ttft = time.perf_counter() - self.t0
+
+    def run(self) -> None:
+        self.state = loop_jit(self.params, self.spec, self.state, self.sampling)
+
+    def stream(self) -> Iterator[list[list[int]]]:
+        """Yield, per cycle, each real row's newly committed tokens (the first yield: token 1)."""
+        seen = np.zeros((self.n,), np.int64)
+        while True:
+            n_out = np.asarray(self.state.n_out)[: self.n]
+            out = np.asarray(self.state.out)[: self.n]
+            new = [out[i, seen[i]: n_out[i]].tolist() for i in range(self.n)]
+            seen = n_out.astype(np.int64)
+            if any(new):
+                yield new
+            if bool(np.all(np.asarray(self.state.done))):
+                return
+            self.state = step_jit(self.params, self.spec, self.state, self.sampling)
+
+    def results(self) -> list[GenerationResult]:
+        host = jax.device_get({"out": self.state.out, "n_out": self.state.n_out,
+                               "cycles": self.state.cycles, "hist": self.state.acc_hist,
+                               "pos": self.state.pos_acc})
+        elapsed = time.perf_counter() - self.t0
+        eos = set(self.spec.eos_ids)
+        res = []
+        for i in range(self.n):
+            ids = host["out"][i, : host["n_out"][i]].tolist()
+            stats = _row_stats(self.spec.mode, len(ids), int(host["cycles"][i]), host["hist"][i],
+                               host["pos"][i], bool(ids) and ids[-1] in eos, self.ttft, elapsed,
+                               self.spec.block_size)
+            res.append(GenerationResult(ids, stats))
+        return res
+
+
+def _batches(prompts, batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted by length, stable)."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def generate(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]], *,
+             mode: str = "orthrus", max_new_tokens: int = 256, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, block_size: int | None = None,
+             batch_size: int = 32, max_len: int | None = None,
+             eos_token_ids: Sequence[int] | None = None,
+             on_tokens: Callable[[int, list[int]], None] | None = None) -> list[GenerationResult]:
+    """Generate for a list of token-id prompts; results in prompt order.
+
+    mode "orthrus" (diffusion draft + AR verify, K = block_size or cfg.block_size) or "ar".
+    temperature 0 = greedy; otherwise sampling with top_k (0 = off) and top_p (1 = off), with
+    exact rejection sampling in orthrus mode. Prompts are sorted by length and run in batches of
+    at most batch_size rows (padded to power-of-two row counts and bucketed lengths). max_len is
+    the cache capacity (default cfg.max_position_embeddings): prompt + max_new_tokens must fit.
+    eos_token_ids defaults to cfg.eos_token_ids. on_tokens(prompt_index, new_ids) streams tokens
+    per cycle (a Python stepper over the same jitted step); without it each batch is one
+    while_loop call.
+    """
+    spec = make_spec(cfg, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
+                     top_k=top_k, top_p=top_p, block_size=block_size, eos_token_ids=eos_token_ids)
+    if batch_size < 1:
+        raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
+    prompts = [list(map(int, p)) for p in prompts]
+    _check_prompts(cfg, prompts, max_new_tokens, max_len)
+    sampling = Sampling.make(temperature, top_k, top_p)
+    results: list[GenerationResult | None] = [None] * len(prompts)
+    base_key = jax.random.PRNGKey(seed)
+    for bi, idx in enumerate(_batches(prompts, batch_size)):
+        if max_new_tokens == 0:
+            for i in idx:
+                results[i] = GenerationResult([], _row_stats(mode, 0, 0, np.zeros(1), np.zeros(1),
+                                                             False, 0.0, 0.0, spec.block_size))
+            continue
+        batch = _Batch(params, spec, [prompts[i] for i in idx], max_new_tokens,
+                       batch_bucket(len(idx), batch_size), sampling,
+                       jax.random.fold_in(base_key, bi))
+        if on_tokens is None:
+            batch.run()
+        else:
+            for new in batch.stream():
+                for row, ids in enumerate(new):
+                    if ids:
+                        on_tokens(idx[row], ids)
+        for i, r in zip(idx, batch.results()):
+            results[i] = r
+    return results  # type: ignore[return-value]
