@@ -36,8 +36,15 @@ def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
     if os.path.exists(out_dir) and not overwrite:
         raise FileExistsError(f"{out_dir}: output path already exists")
     parent = os.path.dirname(out_dir)
+    created = parent  # the topmost parent this call creates, removed again on failure
+    while not os.path.exists(os.path.dirname(created)):
+        created = os.path.dirname(created)
+    made_parent = not os.path.exists(parent)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the result should look like mkdir's
     try:
         yield tmp
         if os.path.exists(out_dir):
@@ -45,6 +52,8 @@ def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
         os.rename(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if made_parent:
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
 
@@ -52,7 +61,7 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str) -> None:
     for name in TOKENIZER_FILES:
         src = os.path.join(src_dir, name)
         if os.path.exists(src):
-            shutil.copy2(src, os.path.join(dst_dir, name))
+            shutil.copyfile(src, os.path.join(dst_dir, name))  # not copy2: keep files writable
 
 
 def write_model_dir(out_dir: str, cfg: Qwen3Config, params: Params, tokenizer_dir: str,
