@@ -1,0 +1,115 @@
+"""Device mesh and named sharding rules for parameters, optimizer state and batches.
+
+One mesh over ("data", "fsdp", "tensor"); one frozen dataclass of shape-named PartitionSpecs.
+Suffixes name the dimensions: l = layer, d = model dim, q/kv = attention projection width,
+f = MLP width, v = vocab, b = batch rows, s = sequence. A mesh axis that does not divide its
+dimension is dropped for that leaf (replicated), so tiny test configs run on any mesh.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingRules:
+    w_in_ldq: P = P(None, "fsdp", "tensor")     # q/k/v_proj(_diff), gate/up_proj: [layers, in, out]
+    w_out_lqd: P = P(None, "tensor", "fsdp")    # o_proj(_diff), down_proj: [layers, in, out]
+    norm_ld: P = P(None, None)                  # per-layer norms
+    embed_vd: P = P("tensor", "fsdp")
+    head_dv: P = P("fsdp", "tensor")
+    norm_d: P = P(None)
+    batch_bs: P = P(BATCH_AXES, None)           # tokens / mask [rows, L]
+    batch_ab: P = P(None, BATCH_AXES)           # leading grad-accumulation axis [accum, rows, ...]
+
+    def param_spec(self, path: tuple[str, ...]) -> P:
+        name = path[-1]
+        if path[0] == "layers":
+            if "norm" in name:
+                return self.norm_ld
+            if name.startswith(("o_proj", "down_proj")):
+                return self.w_out_lqd
+            return self.w_in_ldq
+        return {"embed": self.embed_vd, "lm_head": self.head_dv}.get(name, self.norm_d)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Any = None) -> Mesh:
+    """jax.make_mesh over (data, fsdp, tensor); -1 in fsdp takes all remaining devices."""
+    n = len(devices) if devices is not None else jax.device_count()
+    if fsdp == -1:
+        fsdp = n // (data * tensor)
+    if data * fsdp * tensor != n:
+        raise ValueError(f"mesh {data}x{fsdp}x{tensor} does not cover {n} devices")
+    if devices is not None:
+        return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), AXES,
+                    axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+    auto = (jax.sharding.AxisType.Auto,) * len(AXES)  # GSPMD propagation, not sharding-in-types
+    return jax.make_mesh((data, fsdp, tensor), AXES, axis_types=auto)
+
+
+def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:
+    """Drop mesh axes that do not divide their dimension (and pad the spec to the rank)."""
+    out = []
+    for i, dim in enumerate(shape):
+        axes = spec[i] if i < len(spec) else None
+        if axes is None:
+            out.append(None)
+            continue
+        names = axes if isinstance(axes, tuple) else (axes,)
+        size = math.prod(mesh.shape[a] for a in names)
+        out.append(axes if dim % size == 0 else None)
+    return P(*out)
+
+
+def _path_names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def param_shardings(tree: Any, mesh: Mesh, rules: ShardingRules = ShardingRules()) -> Any:
+    """NamedShardings for a parameter tree (full, backbone or trainable) by the named rules."""
+    def one(path, leaf):
+        return NamedSharding(mesh, fit_spec(rules.param_spec(_path_names(path)), leaf.shape, mesh))
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def state_shardings(state: Any, params_like: Any, mesh: Mesh, rules: ShardingRules = ShardingRules()) -> Any:
+    """Optimizer state: moments shard like their parameter (matched by path suffix); scalars replicate."""
+    names = {_path_names(p)[-2:]: leaf.shape for p, leaf in jax.tree_util.tree_leaves_with_path(params_like)}
+
+    def one(path, leaf):
+        key = _path_names(path)
+        shape = getattr(leaf, "shape", ())
+        if len(key) >= 2 and key[-2:] in names and names[key[-2:]] == shape:
+            pspec = rules.param_spec(("layers", key[-1]) if key[-2] == "layers" else key[-1:])
+            return NamedSharding(mesh, fit_spec(pspec, shape, mesh))
+        return NamedSharding(mesh, P())
+    return jax.tree_util.tree_map_with_path(one, state)
+
+
+def batch_shardings(batch: Any, mesh: Mesh, rules: ShardingRules = ShardingRules()) -> Any:
+    """Batches [accum, rows, ...]: rows over (data, fsdp)."""
+    return jax.tree_util.tree_map(
+        lambda x: NamedSharding(mesh, fit_spec(rules.batch_ab, x.shape, mesh)), batch)
+
+
+def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules: ShardingRules = ShardingRules()) -> Any:
+    """Place a host batch (this process's rows) as global arrays sharded by the rules."""
+    shardings = batch_shardings(batch, mesh, rules)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, shardings)
+    return jax.tree_util.tree_map(lambda x, s: jax.make_array_from_process_local_data(s, x),
+                                  batch, shardings)
+
+
+def maybe_initialize_distributed(enabled: bool) -> None:
+    """jax.distributed.initialize() for multi-host runs (coordinator from the environment)."""
+    if enabled and jax.process_count() == 1:
+        jax.distributed.initialize()

@@ -1,0 +1,256 @@
+"""Train the diffusion view of an Orthrus model by self-distillation from its frozen AR view.
+
+    python -m train.run --config train/configs/micro-cpu.yaml [--set key=value ...]
+
+Resumes from the latest checkpoint in OUT_DIR/checkpoints (trainable tree, optimizer state,
+step, data iterator position). Writes OUT_DIR/metrics.jsonl, OUT_DIR/training.png and, at the
+end, a full model dir OUT_DIR/model (backbone from model_dir + trained heads).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from tqdm import tqdm
+
+from orthrus_jax import sharding as shd
+from orthrus_jax.checkpoint import write_model_dir
+from orthrus_jax.params import merge_params, split_params
+from train.config import TrainConfig, load_config
+from train.data import PackedRows, DocSource, make_dataset
+from train.make_data import load_any_model
+from train.step import LossOptions, cosine_schedule, make_optimizer, make_train_step
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or Inf; the last good checkpoint is left intact."""
+
+
+@dataclasses.dataclass
+class Trainer:
+    cfg: TrainConfig
+    model_cfg: Any
+    mesh: Any
+    backbone: Any
+    trainable: Any
+    opt_state: Any
+    optimizer: Any
+    schedule: Any
+    step_fn: Any
+    dataset: Any
+    total_steps: int
+    manager: ocp.CheckpointManager
+
+
+def _tree_copy(tree):
+    return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
+
+
+def build(cfg: TrainConfig) -> Trainer:
+    shd.maybe_initialize_distributed(cfg.distributed)
+    mesh = shd.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+    dt = jnp.dtype(cfg.compute_dtype)
+    model_cfg, params = load_any_model(cfg.model_dir, jnp.float32)
+    if model_cfg.block_size != cfg.block_size:
+        model_cfg = dataclasses.replace(model_cfg, block_size=cfg.block_size)
+    backbone, trainable = split_params(params)
+    backbone = jax.device_put(jax.tree_util.tree_map(lambda x: x.astype(dt), backbone),
+                              shd.param_shardings(backbone, mesh))
+    trainable = jax.device_put(_tree_copy(trainable), shd.param_shardings(trainable, mesh))
+
+    pc = jax.process_count()
+    rows_local = cfg.global_batch // pc
+    rows = PackedRows(DocSource(cfg.data_dir), cfg.seq_len, cfg.seed, 1)
+    batches_per_epoch = rows.rows_per_epoch // cfg.global_batch
+    if batches_per_epoch == 0:
+        raise ValueError(f"{cfg.data_dir}: fewer rows ({rows.rows_per_epoch}) than global_batch")
+    total = cfg.max_steps or int(batches_per_epoch * cfg.epochs)
+    data_epochs = math.ceil(total / batches_per_epoch) + 1
+    dataset = make_dataset(cfg.data_dir, cfg.seq_len, cfg.anchors_per_row, cfg.block_size,
+                           rows_local, cfg.seed, data_epochs, jax.process_index(), pc)
+    schedule = cosine_schedule(cfg.learning_rate, cfg.schedule_steps or total, cfg.warmup_frac,
+                               cfg.lr_floor)
+    optimizer = make_optimizer(schedule, cfg.b1, cfg.b2, cfg.weight_decay, cfg.clip_norm)
+    opt_state = jax.jit(optimizer.init)(trainable)
+    opt_state = jax.device_put(opt_state, shd.state_shardings(opt_state, trainable, mesh))
+    opts = LossOptions(cfg.block_size, dt, cfg.remat, cfg.anchor_chunks)
+    step_fn = jax.jit(make_train_step(model_cfg, opts, optimizer), donate_argnums=(0, 1))
+    manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(cfg.out_dir, "checkpoints")),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=cfg.keep_checkpoints, create=True,
+            keep_period=cfg.keep_every or None, enable_async_checkpointing=False))
+    return Trainer(cfg, model_cfg, mesh, backbone, trainable, opt_state, optimizer, schedule,
+                   step_fn, dataset, total, manager)
+
+
+def save(tr: Trainer, step: int, data_state: dict) -> None:
+    tr.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({"trainable": tr.trainable, "opt_state": tr.opt_state}),
+        data=ocp.args.JsonSave(data_state)), force=True)
+    tr.manager.wait_until_finished()
+
+
+def restore(tr: Trainer) -> tuple[int, dict | None]:
+    step = tr.manager.latest_step()
+    if step is None:
+        return 0, None
+    target = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+        {"trainable": tr.trainable, "opt_state": tr.opt_state})
+    got = tr.manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), data=ocp.args.JsonRestore()))
+    tr.trainable, tr.opt_state = got["state"]["trainable"], got["state"]["opt_state"]
+    return step, got["data"]
+
+
+def export(tr: Trainer, out_dir: str, dtype: str | None = None) -> str:
+    """A full model dir: backbone + trained heads, loadable by infer and convert."""
+    dt = jnp.dtype(dtype or tr.cfg.export_dtype)
+    host = jax.device_get(merge_params(tr.backbone, tr.trainable))
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dt), host)
+    write_model_dir(out_dir, tr.model_cfg, params, tr.cfg.model_dir, overwrite=True)
+    return out_dir
+
+
+def plot_metrics(log_path: str, png_path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in open(log_path) if line.strip()]
+    if not rows:
+        return
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    axes[0].plot(steps, [r["loss"] for r in rows], lw=0.6)
+    axes[0].set(xlabel="step", ylabel="KL(p_AR || p_diff)", yscale="log", title="loss")
+    axes[1].plot(steps, [r["accept_len"] for r in rows], lw=0.6)
+    axes[1].set(xlabel="step", ylabel="sum_i prod_{j<=i} agree_j", title="estimated acceptance length")
+    last = rows[-min(len(rows), 50):]
+    first = rows[: min(len(rows), 50)]
+    for chunk, label in ((first, "first 50 steps"), (last, "last 50 steps")):
+        agree = np.mean([r["agree"] for r in chunk], axis=0)
+        axes[2].plot(np.arange(1, len(agree) + 1), agree, marker=".", label=label)
+    axes[2].set(xlabel="block position i (predicts x_{a+i+1})", ylabel="top-1 agreement",
+                title="per-position agreement", ylim=(0, 1))
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig) -> dict:
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    tr = build(cfg)
+    step, data_state = restore(tr)
+    it = iter(tr.dataset.to_iter_dataset())
+    if data_state is not None:
+        it.set_state(data_state)
+    log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
+    png_path = os.path.join(cfg.out_dir, "training.png")
+    export_minutes = sorted(float(x) for x in str(cfg.export_at_minutes).split(",") if x.strip())
+    export_minutes = [m for m in export_minutes
+                      if not os.path.isdir(os.path.join(cfg.out_dir, f"model-{m:g}min"))]
+    accum, rows_local = cfg.grad_accum, cfg.global_batch // jax.process_count() // cfg.grad_accum
+    tokens_per_step = cfg.global_batch * cfg.seq_len
+    is_main = jax.process_index() == 0
+    bar = tqdm(total=tr.total_steps, initial=step, desc="train", unit="step", disable=not is_main)
+    train_time, summary = 0.0, {}
+    last_saved = step
+    elapsed0 = 0.0
+    if os.path.exists(log_path) and step > 0:  # keep the log consistent with the checkpoint
+        kept = [l for l in open(log_path) if l.strip() and json.loads(l)["step"] <= step]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
+        if kept:
+            elapsed0 = json.loads(kept[-1]).get("elapsed_s", 0.0)
+    with tr.mesh:
+        while step < tr.total_steps:
+            host = next(it)
+            host = {k: v.reshape(accum, rows_local, *v.shape[1:]) for k, v in host.items()}
+            batch = shd.put_batch(host, tr.mesh)
+            t0 = time.time()
+            trainable, opt_state, metrics = tr.step_fn(tr.trainable, tr.opt_state, tr.backbone, batch)
+            metrics = jax.device_get(metrics)
+            dt = time.time() - t0
+            loss = float(metrics["loss"])
+            if not math.isfinite(loss):
+                bar.close()
+                raise NonFiniteLoss(f"step {step + 1}: loss is {loss}; stopping, last good "
+                                    f"checkpoint is step {tr.manager.latest_step()}")
+            tr.trainable, tr.opt_state = trainable, opt_state
+            step += 1
+            train_time += dt
+            record = {"step": step, "loss": loss, "accept_len": float(metrics["accept_len"]),
+                      "agree": [round(float(a), 4) for a in metrics["agree"]],
+                      "grad_norm": float(metrics["grad_norm"]), "targets": int(metrics["targets"]),
+                      "lr": float(tr.schedule(step - 1)), "step_s": dt,
+                      "tokens_per_s": tokens_per_step / dt, "elapsed_s": elapsed0 + train_time}
+            summary = record
+            if is_main:
+                if step % cfg.log_every == 0 or step == tr.total_steps:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.3f}", acc=f"{record['accept_len']:.2f}",
+                                lr=f"{record['lr']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if cfg.plot_every and step % cfg.plot_every == 0:
+                    plot_metrics(log_path, png_path)
+            state = it.get_state()
+            if step % cfg.save_every == 0 or step == tr.total_steps:
+                save(tr, step, state)
+                last_saved = step
+            if export_minutes and record["elapsed_s"] >= 60 * export_minutes[0]:
+                m = export_minutes.pop(0)
+                save(tr, step, state)
+                last_saved = step
+                if is_main:
+                    export(tr, os.path.join(cfg.out_dir, f"model-{m:g}min"))
+            if cfg.export_every and step % cfg.export_every == 0 and is_main:
+                export(tr, os.path.join(cfg.out_dir, f"model-step{step}"))
+            if cfg.time_limit_s and record["elapsed_s"] >= cfg.time_limit_s:
+                break
+    bar.close()
+    if last_saved != step:
+        save(tr, step, it.get_state())
+    if is_main:
+        if os.path.exists(log_path):
+            plot_metrics(log_path, png_path)
+        if cfg.export_at_end:
+            export(tr, os.path.join(cfg.out_dir, "model"))
+    tr.manager.close()
+    return {"step": step, **summary}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="YAML file (train/configs/*.yaml)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
+    ap.add_argument("--export", default=None, metavar="DIR",
+                    help="only export the latest checkpoint as a full model dir, then exit")
+    a = ap.parse_args(argv)
+    cfg = load_config(a.config, a.set)
+    if a.export:
+        tr = build(cfg)
+        step, _ = restore(tr)
+        export(tr, a.export)
+        print(f"exported step {step} to {a.export}")
+        return
+    out = train(cfg)
+    print(json.dumps({k: v for k, v in out.items() if k != "agree"}))
+
+
+if __name__ == "__main__":
+    main()
