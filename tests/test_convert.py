@@ -1,0 +1,208 @@
+"""HF <-> Orbax conversion: bit-identical round trips, shards, official _diff names, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import ml_dtypes  # noqa: F401  (numpy bf16)
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from convert import hf_to_orbax, orbax_to_hf
+from convert.hf_params import read_hf_params
+from orthrus_jax.checkpoint import load_model
+from orthrus_jax.params import DIFF_KEYS, DIFF_SOURCE, LAYER_KEYS
+from tests.conftest import REPO
+from tests.hf_fixtures import TINY_SPECS, make_hf_model, random_diff_weights, save_hf_model
+
+
+def read_all(hf_dir) -> dict[str, np.ndarray]:
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    files = (sorted(set(json.load(open(index))["weight_map"].values())) if os.path.exists(index)
+             else ["model.safetensors"])
+    out = {}
+    for name in files:
+        with safe_open(os.path.join(hf_dir, name), framework="np") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def assert_bit_identical(a: np.ndarray, b: np.ndarray, key: str) -> None:
+    assert a.dtype == b.dtype and a.shape == b.shape, (key, a.dtype, b.dtype, a.shape, b.shape)
+    assert a.tobytes() == b.tobytes(), key
+
+
+def convert(hf_dir, out, *extra) -> int:
+    return hf_to_orbax.main(["--hf-dir", str(hf_dir), "--out", str(out), "--quiet", *extra])
+
+
+def back(model_dir, out) -> int:
+    return orbax_to_hf.main(["--model", str(model_dir), "--out", str(out), "--quiet"])
+
+
+def test_round_trip_micro_bf16_bit_identical(micro_model_dir, tmp_path):
+    """micro (bf16, tied, no _diff) -> Orbax -> HF Orthrus: every tensor bit-identical, bf16."""
+    assert convert(micro_model_dir, tmp_path / "jax") == 0
+    cfg, params = load_model(str(tmp_path / "jax"))
+    assert all(x.dtype == jax.numpy.bfloat16 for x in jax.tree_util.tree_leaves(params))
+    assert cfg.mask_token_id == 1  # the tokenizer's <|mask|>
+    assert back(tmp_path / "jax", tmp_path / "hf") == 0
+    src, out = read_all(micro_model_dir), read_all(tmp_path / "hf")
+    for key, arr in src.items():
+        assert_bit_identical(out[key], arr, key)
+    assert "lm_head.weight" not in out  # tied embeddings
+    for i in range(cfg.num_layers):  # warm start: twins are copies of the AR attention
+        for name in DIFF_KEYS:
+            assert_bit_identical(out[f"model.layers.{i}.{LAYER_KEYS[name][0]}"],
+                                 src[f"model.layers.{i}.{LAYER_KEYS[DIFF_SOURCE[name]][0]}"], name)
+    assert set(out) == set(src) | {f"model.layers.{i}.{LAYER_KEYS[n][0]}"
+                                   for i in range(cfg.num_layers) for n in DIFF_KEYS}
+    hf_cfg = json.load(open(tmp_path / "hf" / "config.json"))
+    assert hf_cfg["architectures"] == ["OrthrusLM"]
+    assert hf_cfg["block_size"] == 32 and hf_cfg["mask_token_id"] == 1
+    assert os.path.exists(tmp_path / "hf" / "tokenizer.json")
+
+
+def test_round_trip_untied_official_diff_names_fp32(tmp_path):
+    """Untied fp32 model with official _diff names: loaded (not copied), round trip identical,
+    and the output loads in transformers with the same logits."""
+    spec = TINY_SPECS[1]
+    model = make_hf_model(spec, seed=3)
+    diff = random_diff_weights(model, seed=4)
+    src_dir = save_hf_model(model, str(tmp_path / "src"), diff=diff)
+    assert convert(src_dir, tmp_path / "jax", "--dtype", "fp32") == 0
+    _, params = load_model(str(tmp_path / "jax"))
+    q_diff = diff["model.layers.1.self_attn.q_proj_diff.weight"].numpy()
+    np.testing.assert_array_equal(np.asarray(params["layers"]["q_proj_diff"][1]), q_diff.T)
+    assert back(tmp_path / "jax", tmp_path / "hf") == 0
+    src, out = read_all(src_dir), read_all(tmp_path / "hf")
+    assert set(out) == set(src) and "lm_head.weight" in out
+    for key, arr in src.items():
+        assert_bit_identical(out[key], arr, key)
+    from transformers import Qwen3ForCausalLM
+
+    reloaded = Qwen3ForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    tokens = torch.arange(20)[None] % spec.vocab
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(tokens).logits, model(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_sharded_input_equals_single_file(tmp_path):
+    """An index + several shards converts to the same parameters as one file."""
+    spec = TINY_SPECS[2]
+    model = make_hf_model(spec, seed=5)
+    single = save_hf_model(model, str(tmp_path / "single"))
+    sharded = save_hf_model(model, str(tmp_path / "sharded"), max_shard_size="40KB")
+    shards = [f for f in os.listdir(sharded) if f.endswith(".safetensors")]
+    assert len(shards) >= 2 and os.path.exists(os.path.join(sharded, "model.safetensors.index.json"))
+    assert convert(sharded, tmp_path / "jax", "--dtype", "fp32") == 0
+    _, got = load_model(str(tmp_path / "jax"))
+    _, want = read_hf_params(single)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+
+
+# --- bad input: one line on stderr naming the file / field, exit code 2, nothing left behind.
+
+
+@pytest.fixture(scope="module")
+def good_hf_dir(tmp_path_factory):
+    model = make_hf_model(TINY_SPECS[0], seed=9, dtype=torch.bfloat16)
+    return save_hf_model(model, str(tmp_path_factory.mktemp("good") / "hf"), max_shard_size="40KB")
+
+
+def _edit_config(d, **updates):
+    path = os.path.join(d, "config.json")
+    cfg = json.load(open(path))
+    cfg.update(updates)
+    json.dump(cfg, open(path, "w"))
+
+
+def _first_shard(d):
+    index = json.load(open(os.path.join(d, "model.safetensors.index.json")))
+    return os.path.join(d, index["weight_map"]["model.embed_tokens.weight"])
+
+
+def _missing_shard(d):
+    os.remove(_first_shard(d))
+    return os.path.basename(_first_shard(d))
+
+
+def _wrong_shape(d):
+    index = json.load(open(os.path.join(d, "model.safetensors.index.json")))["weight_map"]
+    key = "model.layers.1.self_attn.k_proj.weight"
+    path = os.path.join(d, index[key])
+    tensors = load_file(path)
+    tensors[key] = tensors[key][:-1].clone()
+    save_file(tensors, path, metadata={"format": "pt"})
+    return key
+
+
+def _truncated(d):
+    path = _first_shard(d)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    return os.path.basename(path)
+
+
+def _not_qwen3(d):
+    _edit_config(d, model_type="llama")
+    return "model_type"
+
+
+def _unknown_rope(d):
+    _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6})
+    return "rope_scaling"
+
+
+BAD_INPUTS = {"missing-shard": _missing_shard, "wrong-shape": _wrong_shape,
+              "truncated": _truncated, "not-qwen3": _not_qwen3, "unknown-rope": _unknown_rope}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_one_line_error_exit_2_nothing_left(case, good_hf_dir, tmp_path, capsys):
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(good_hf_dir, hf_dir)
+    expected = BAD_INPUTS[case](str(hf_dir))
+    out = tmp_path / "new" / "out"
+    assert convert(hf_dir, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    assert expected in err, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "new").exists()  # neither the output nor a temp sibling nor its parent
+
+
+def test_existing_output_refused_untouched(micro_model_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert convert(micro_model_dir, out) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and "exists" in err
+    assert os.listdir(out) == ["keep.txt"] and os.listdir(tmp_path) == ["out"]
+    assert back(out, tmp_path / "hf") == 2  # a directory without config.json / params
+    assert "config.json" in capsys.readouterr().err
+    assert back(micro_model_dir, out) == 2
+
+
+def test_cli_subprocess_exit_code_and_help(tmp_path):
+    """The real entry points: --help names every flag; bad input exits 2 with no traceback."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-m", "convert.hf_to_orbax", "--hf-dir",
+                          str(tmp_path / "nope"), "--out", str(tmp_path / "o")], cwd=REPO,
+                         capture_output=True, text=True, env=env)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert str(tmp_path / "nope") in res.stderr and not (tmp_path / "o").exists()
+    for module, flags in (("convert.hf_to_orbax", ("--hf-dir", "--out", "--dtype", "--overwrite")),
+                          ("convert.orbax_to_hf", ("--model", "--out", "--max-shard-gb"))):
+        res = subprocess.run([sys.executable, "-m", module, "--help"], cwd=REPO,
+                             capture_output=True, text=True, env=env)
+        assert res.returncode == 0 and all(f in res.stdout for f in flags), res.stdout
