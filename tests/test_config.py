@@ -1,0 +1,155 @@
+"""Config parsing, the trainable split at real Qwen3 sizes, and shape runs at Qwen3-8B (no allocation)."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from orthrus_jax import ar_forward, diffusion_forward, lm_logits
+from orthrus_jax.cache import KVCache
+from orthrus_jax.config import ConfigError, Qwen3Config, load_config
+from orthrus_jax.params import DIFF_KEYS, count_params, param_shapes, split_params, trainable_fraction
+
+QWEN3 = {  # the public Qwen3 config.json shape fields
+    "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
+    "4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
+    "8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+}
+
+
+def qwen3_config(size: str, **extra) -> Qwen3Config:
+    hf = {"model_type": "qwen3", "vocab_size": 151936, "head_dim": 128, "rope_theta": 1e6,
+          **QWEN3[size], **extra}
+    return Qwen3Config.from_hf_dict(hf, default_mask_token_id=151669)
+
+
+@pytest.mark.parametrize("size,base,diff,share", [
+    ("1.7B", 1.721e9, 352e6, 0.170), ("4B", 4.022e9, 944e6, 0.190), ("8B", 8.191e9, 1510e6, 0.156)])
+def test_trainable_fraction_matches_method_table(size, base, diff, share):
+    """Method doc table 1.2: base and _diff parameter counts and share of (base + diff)."""
+    cfg = qwen3_config(size)
+    backbone, trainable = split_params(param_shapes(cfg))
+    assert count_params(backbone) == pytest.approx(base, rel=1e-3)
+    assert count_params(trainable) == pytest.approx(diff, rel=2e-3)
+    assert round(trainable_fraction(cfg), 3) == share
+
+
+def test_trainable_tree_is_exactly_the_diff_twins():
+    cfg = qwen3_config("8B")
+    _, trainable = split_params(param_shapes(cfg))
+    assert set(trainable) == {"layers"}
+    assert set(trainable["layers"]) == {"q_proj_diff", "k_proj_diff", "v_proj_diff", "o_proj_diff",
+                                        "q_norm_diff", "k_norm_diff"} == set(DIFF_KEYS)
+    assert all(x.shape[0] == cfg.num_layers for x in trainable["layers"].values())
+
+
+def test_code_paths_at_qwen3_8b_shapes_without_allocating():
+    """jax.eval_shape of the AR forward and both diffusion forms at Qwen3-8B shapes."""
+    cfg = qwen3_config("8B")
+    params = param_shapes(cfg, jnp.bfloat16)
+    seq, batch, k = 2048, 2, cfg.block_size
+    kv = jax.ShapeDtypeStruct((cfg.num_layers, batch, seq + k + 1, cfg.num_kv_heads, cfg.head_dim),
+                              jnp.bfloat16)
+    cache = KVCache(k=kv, v=kv, length=jax.ShapeDtypeStruct((batch,), jnp.int32))
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+    hidden, new_cache = jax.eval_shape(lambda p, t, c: ar_forward(p, cfg, t, c), params,
+                                       i32(batch, seq), cache)
+    assert hidden.shape == (batch, seq, 4096) and new_cache.k.shape == kv.shape
+    logits = jax.eval_shape(lm_logits, params, hidden)
+    assert logits.shape == (batch, seq, 151936) and logits.dtype == jnp.float32
+    n_blocks = 256  # training form: 256 anchors x 32 per 2048-token row
+    train_hidden = jax.eval_shape(
+        lambda p, t, pos, pk, pv, pl: diffusion_forward(p, cfg, t, pos, pk, pv, pl, remat=True),
+        params, i32(1, n_blocks, k), i32(1, n_blocks, k),
+        jax.ShapeDtypeStruct((cfg.num_layers, 1, seq, 8, 128), jnp.bfloat16),
+        jax.ShapeDtypeStruct((cfg.num_layers, 1, seq, 8, 128), jnp.bfloat16), i32(1, n_blocks))
+    assert train_hidden.shape == (1, n_blocks, k, 4096)
+    from orthrus_jax import draft_block
+
+    draft = jax.eval_shape(lambda p, a, c: draft_block(p, cfg, a, c), params, i32(batch), cache)
+    assert draft.shape == (batch, k, 4096)
+
+
+# --- config.json parsing
+
+
+def test_unknown_rope_scaling_refused():
+    with pytest.raises(ConfigError, match="rope_scaling.*yarn"):
+        qwen3_config("8B", rope_scaling={"rope_type": "yarn", "factor": 4.0})
+    with pytest.raises(ConfigError, match="rope_scaling.*linear"):
+        qwen3_config("8B", rope_parameters={"type": "linear", "factor": 2.0, "rope_theta": 1e6})
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3_moe", None])
+def test_unknown_model_type_refused(model_type):
+    with pytest.raises(ConfigError, match="model_type"):
+        qwen3_config("8B", model_type=model_type)
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"num_key_value_heads": 5}, "num_attention_heads"),
+    ({"head_dim": 127}, "head_dim"),
+    ({"hidden_size": 0}, "hidden_size"),
+    ({"mask_token_id": 151936}, "mask_token_id"),
+    ({"use_sliding_window": True}, "use_sliding_window"),
+    ({"attention_bias": True}, "attention_bias"),
+])
+def test_inconsistent_shapes_refused(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        qwen3_config("8B", **fields)
+
+
+def test_missing_field_named():
+    with pytest.raises(ConfigError, match="x/config.json: missing field intermediate_size"):
+        Qwen3Config.from_hf_dict({"model_type": "qwen3", "vocab_size": 8, "hidden_size": 8,
+                                  "num_hidden_layers": 1, "num_attention_heads": 1},
+                                 source="x/config.json")
+
+
+def test_mask_id_from_tokenizer_mask_token(micro_model_dir):
+    cfg = load_config(str(micro_model_dir))
+    assert cfg.mask_token_id == 1 and cfg.block_size == 32 and cfg.eos_token_ids == (0,)
+    assert cfg.head_dim == 64 and cfg.hidden_size == 192 and cfg.tie_word_embeddings
+
+
+def test_mask_id_defaults_to_len_tokenizer(micro_model_dir, tmp_path):
+    """A tokenizer without a mask token: the mask id is len(tokenizer) (Qwen3's 151669)."""
+    d = tmp_path / "m"
+    shutil.copytree(micro_model_dir, d)
+    (d / "tokenizer_config.json").chmod(0o644)
+    tok_cfg = json.loads((d / "tokenizer_config.json").read_text())
+    del tok_cfg["mask_token"]
+    (d / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    (d / "config.json").chmod(0o644)
+    hf = json.loads((d / "config.json").read_text())
+    hf["vocab_size"] = 8200  # an embedding with unused rows past the tokenizer, as in Qwen3
+    (d / "config.json").write_text(json.dumps(hf))
+    assert load_config(str(d)).mask_token_id == 8192
+
+
+def test_orthrus_config_fields_read(micro_model_dir, tmp_path):
+    """block_size and mask_token_id from an Orthrus config.json win over the defaults."""
+    d = tmp_path / "m"
+    shutil.copytree(micro_model_dir, d)
+    (d / "config.json").chmod(0o644)
+    hf = json.loads((d / "config.json").read_text())
+    hf.update(architectures=["OrthrusLM"], block_size=16, mask_token_id=5, r=16, lora_alpha=32)
+    (d / "config.json").write_text(json.dumps(hf))
+    cfg = load_config(str(d))
+    assert cfg.block_size == 16 and cfg.mask_token_id == 5
+    back = Qwen3Config.from_hf_dict(cfg.to_hf_dict())
+    assert back == cfg and cfg.to_hf_dict()["architectures"] == ["OrthrusLM"]
+
+
+def test_config_errors_name_the_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "nope"))
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"config.json: not valid JSON"):
+        load_config(str(tmp_path))
