@@ -32,6 +32,7 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = "bf16", overwrit
               file=sys.stderr) as bar:
         cfg, leaves = iter_hf_leaves(hf_dir, dtype, progress=bar.update)
         # Hand each leaf to JAX as soon as it is filled, so at most one numpy leaf is alive.
+        # (Saving numpy leaves instead measured worse: 3.45x vs 2.36x the model bytes.)
         params = assemble(cfg, ((name, jnp.asarray(arr)) for name, arr in leaves))
     if progress:
         print(f"writing {out_dir}", file=sys.stderr)
