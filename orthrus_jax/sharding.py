@@ -42,17 +42,19 @@ class ShardingRules:
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices: Any = None) -> Mesh:
-    """jax.make_mesh over (data, fsdp, tensor); -1 in fsdp takes all remaining devices."""
-    n = len(devices) if devices is not None else jax.device_count()
+    """A (data, fsdp, tensor) mesh; -1 in fsdp takes all remaining devices.
+
+    A mesh smaller than the device count uses the first data*fsdp*tensor devices.
+    """
+    devices = list(devices if devices is not None else jax.devices())
+    n = len(devices)
     if fsdp == -1:
         fsdp = n // (data * tensor)
-    if data * fsdp * tensor != n:
-        raise ValueError(f"mesh {data}x{fsdp}x{tensor} does not cover {n} devices")
-    if devices is not None:
-        return Mesh(np.asarray(devices).reshape(data, fsdp, tensor), AXES,
-                    axis_types=(jax.sharding.AxisType.Auto,) * len(AXES))
+    size = data * fsdp * tensor
+    if size < 1 or size > n:
+        raise ValueError(f"mesh {data}x{fsdp}x{tensor} needs {size} devices, {n} available")
     auto = (jax.sharding.AxisType.Auto,) * len(AXES)  # GSPMD propagation, not sharding-in-types
-    return jax.make_mesh((data, fsdp, tensor), AXES, axis_types=auto)
+    return jax.make_mesh((data, fsdp, tensor), AXES, axis_types=auto, devices=devices[:size])
 
 
 def fit_spec(spec: P, shape: tuple[int, ...], mesh: Mesh) -> P:

@@ -64,17 +64,15 @@ def _greedy_ar(params, cfg: Qwen3Config, tokens, lengths, max_new: int):
 
 def greedy_generate(params, cfg: Qwen3Config, prompts: list[list[int]], max_new: int) -> list[list[int]]:
     """Greedy continuations (cut after the first EOS, which is kept) for token-id prompts."""
-    try:  # the project decoder, when it offers batched AR greedy generation
-        from infer.decoder import generate as infer_generate  # type: ignore
-    except Exception:  # noqa: BLE001
+    try:  # the project decoder (batched AR greedy, one jitted while_loop)
+        from infer.decoder import generate as infer_generate
+    except ImportError:
         infer_generate = None
     if infer_generate is not None:
-        try:
-            out = infer_generate(params, cfg, prompts, mode="ar", max_new_tokens=max_new)
-            conts = getattr(out, "tokens", out)
-            return [_cut_eos(list(map(int, c)), cfg) for c in conts]
-        except TypeError:
-            pass
+        results = infer_generate(params, cfg, prompts, mode="ar", max_new_tokens=max_new,
+                                 batch_size=len(prompts))
+        return [_cut_eos(list(map(int, r.token_ids)), cfg) for r in results]
+    # Fallback (no decoder installed): a plain jitted greedy loop over the same model code.
     # Bucket the padded length to a multiple of 128 to bound recompilations.
     t = max(len(p) for p in prompts)
     t = -(-t // 128) * 128

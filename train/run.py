@@ -176,7 +176,7 @@ def train(cfg: TrainConfig) -> dict:
             f.writelines(kept)
         if kept:
             elapsed0 = json.loads(kept[-1]).get("elapsed_s", 0.0)
-    with tr.mesh:
+    with jax.set_mesh(tr.mesh):
         while step < tr.total_steps:
             host = next(it)
             host = {k: v.reshape(accum, rows_local, *v.shape[1:]) for k, v in host.items()}
@@ -186,10 +186,12 @@ def train(cfg: TrainConfig) -> dict:
             metrics = jax.device_get(metrics)
             dt = time.time() - t0
             loss = float(metrics["loss"])
-            if not math.isfinite(loss):
+            if not (math.isfinite(loss) and bool(metrics["finite"])):
                 bar.close()
-                raise NonFiniteLoss(f"step {step + 1}: loss is {loss}; stopping, last good "
-                                    f"checkpoint is step {tr.manager.latest_step()}")
+                raise NonFiniteLoss(f"step {step + 1}: loss {loss}, grad norm "
+                                    f"{float(metrics['grad_norm'])} or updated weights not finite; "
+                                    f"stopping, the last good checkpoint is step "
+                                    f"{tr.manager.latest_step()}")
             tr.trainable, tr.opt_state = trainable, opt_state
             step += 1
             train_time += dt

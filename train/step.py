@@ -137,9 +137,12 @@ def make_optimizer(lr_schedule, b1: float = 0.9, b2: float = 0.95, weight_decay:
 
 def cosine_schedule(peak: float, total_steps: int, warmup_frac: float = 0.05,
                     floor: float = 0.1) -> optax.Schedule:
+    """Linear warmup over warmup_frac of the steps, cosine to floor * peak; update n (0-based)
+    uses the value at n + 1, so the first update is not wasted at LR 0."""
     warmup = max(1, int(round(warmup_frac * total_steps)))
-    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1),
+    base = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1),
                                               end_value=peak * floor)
+    return lambda count: base(count + 1)
 
 
 def make_train_step(cfg: Qwen3Config, opts: LossOptions, optimizer: optax.GradientTransformation):
@@ -173,9 +176,11 @@ def make_train_step(cfg: Qwen3Config, opts: LossOptions, optimizer: optax.Gradie
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         agree = terms["agree_sum"] / jnp.maximum(terms["agree_count"], 1.0)
-        metrics = {"loss": terms["kl_sum"] / denom, "agree": agree,
+        finite = jnp.isfinite(terms["kl_sum"]) & jnp.isfinite(optax.tree.norm(grads))
+        finite &= jnp.isfinite(optax.tree.norm(trainable))
+        metrics = {"loss": terms["kl_sum"] / denom, "agree": agree, "finite": finite,
                    "accept_len": jnp.sum(jnp.cumprod(agree)),
-                   "targets": terms["count"], "grad_norm": optax.global_norm(grads)}
+                   "targets": terms["count"], "grad_norm": optax.tree.norm(grads)}
         return trainable, opt_state, metrics
 
     return step

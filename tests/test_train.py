@@ -1,0 +1,209 @@
+"""Training: target alignment, data pipeline, step invariants, sharding equivalence, resume, NaN stop."""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from orthrus_jax.checkpoint import write_model_dir
+from orthrus_jax.config import Qwen3Config
+from orthrus_jax.params import init_params, merge_params, split_params
+from train.config import load_config
+from train.data import DocSource, PackedRows, make_dataset, sample_anchors
+from train.step import LossOptions, block_targets, cosine_schedule, make_optimizer, make_train_step
+
+K = 4
+TINY = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
+                   num_kv_heads=2, head_dim=8, block_size=K, mask_token_id=1, eos_token_ids=(0,),
+                   max_position_embeddings=256)
+
+
+def write_docs(path, n_docs=40, seed=0):
+    """A synthetic make_data output: docs = prompt (mask 0) + response (mask 1)."""
+    rng = np.random.default_rng(seed)
+    toks, masks, lens = [], [], []
+    for _ in range(n_docs):
+        p, r = int(rng.integers(3, 12)), int(rng.integers(4, 20))
+        toks.append(rng.integers(2, TINY.vocab_size, p + r).astype(np.int32))
+        masks.append(np.r_[np.zeros(p, np.uint8), np.ones(r, np.uint8)])
+        lens.append(p + r)
+    os.makedirs(path, exist_ok=True)
+    np.save(os.path.join(path, "tokens.npy"), np.concatenate(toks))
+    np.save(os.path.join(path, "mask.npy"), np.concatenate(masks))
+    np.save(os.path.join(path, "offsets.npy"), np.r_[0, np.cumsum(lens)].astype(np.int64))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    params = init_params(TINY, jax.random.PRNGKey(0), jnp.float32, copy_diff=True)
+    model_dir = str(root / "model")
+    write_model_dir(model_dir, TINY, params, str(root))
+    return {"model_dir": model_dir, "data_dir": write_docs(root / "data"), "root": root}
+
+
+def tiny_cfg(setup, out, **kw):
+    base = dict(model_dir=setup["model_dir"], data_dir=setup["data_dir"], out_dir=str(out),
+                seq_len=32, anchors_per_row=4, block_size=K, global_batch=4, grad_accum=2,
+                max_steps=4, learning_rate=1e-2, compute_dtype="float32", remat=True,
+                anchor_chunks=2, mesh_fsdp=1, save_every=2, plot_every=0, export_at_end=False)
+    base.update(kw)
+    return load_config(None, [f"{k}={v}" for k, v in base.items()])
+
+
+def losses(out_dir):
+    return [json.loads(l)["loss"] for l in open(os.path.join(out_dir, "metrics.jsonl"))]
+
+
+# ------------------------------------------------------------------ target alignment
+
+
+def test_block_targets_alignment():
+    seq_len = 16
+    tokens = jnp.arange(100, 100 + seq_len, dtype=jnp.int32)[None]       # x_p = 100 + p
+    mask = jnp.ones((1, seq_len), bool).at[0, 7].set(False)
+    anchors = jnp.array([[2, 5, 12]], jnp.int32)
+    valid_anchor = jnp.array([[True, True, False]])
+    t = block_targets(tokens, mask, anchors, valid_anchor, K)
+    a = np.array([2, 5, 12])[:, None]
+    i = np.arange(K)[None]
+    np.testing.assert_array_equal(t["positions"][0], a + i)
+    np.testing.assert_array_equal(t["teacher_pos"][0], a + i)     # teacher: AR distribution at a+i
+    np.testing.assert_array_equal(t["target_pos"][0][:, : K - 1], (a + i + 1)[:, : K - 1])  # x_{a+i+1}
+    v = np.asarray(t["valid"][0])
+    assert not v[:, K - 1].any()                                  # last block position: no target
+    assert v[0, : K - 1].all()                                    # targets 3, 4, 5: responses
+    assert v[1].tolist() == [True, False, True, False]            # target 7 is context
+    assert not v[2].any()                                         # invalid anchor slot
+
+
+def test_block_targets_predict_next_token_of_teacher():
+    """With a diffusion view equal to the AR view on a clean block, the loss target is the
+    teacher's own next-token distribution: block position i at anchor a sees x_a..x_{a+i} in AR."""
+    seq_len = 12
+    tokens = jnp.arange(2, 2 + seq_len, dtype=jnp.int32)[None]
+    t = block_targets(tokens, jnp.ones((1, seq_len), bool), jnp.array([[3]]), jnp.array([[True]]), K)
+    # the token block position i predicts is exactly the one after the teacher position
+    np.testing.assert_array_equal(np.asarray(t["target_pos"]) - np.asarray(t["teacher_pos"]), 1)
+
+
+# ------------------------------------------------------------------ data
+
+
+def test_packing_anchors_and_iterator_state(tiny_setup):
+    docs = DocSource(tiny_setup["data_dir"])
+    rows = PackedRows(docs, 32, seed=3, epochs=2)
+    order, _ = rows._epoch(0)
+    stream = np.concatenate([docs[int(j)]["tokens"] for j in order])
+    got = np.concatenate([rows[i]["tokens"] for i in range(rows.rows_per_epoch)])
+    np.testing.assert_array_equal(got, stream[: len(got)])
+    assert not np.array_equal(rows[0]["tokens"], rows[rows.rows_per_epoch]["tokens"])  # reshuffled
+
+    rng = np.random.default_rng(0)
+    mask = np.zeros(32, bool); mask[5:20] = True; mask[29:] = True
+    anchors, valid = sample_anchors(mask, 8, K, rng)
+    assert valid.all() and np.all(np.diff(anchors) > 0)
+    assert np.all(mask[anchors]) and anchors.min() >= 1 and anchors.max() <= 32 - K
+
+    ds = make_dataset(tiny_setup["data_dir"], 32, 4, K, 2, seed=1, epochs=2)
+    it = iter(ds.to_iter_dataset())
+    next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(2)]
+    it2 = iter(make_dataset(tiny_setup["data_dir"], 32, 4, K, 2, seed=1, epochs=2).to_iter_dataset())
+    it2.set_state(state)
+    for w in want:
+        g = next(it2)
+        for k in w:
+            np.testing.assert_array_equal(w[k], g[k])
+
+
+# ------------------------------------------------------------------ step invariants
+
+
+def test_step_updates_only_trainable(tiny_setup):
+    params = init_params(TINY, jax.random.PRNGKey(1), jnp.float32, copy_diff=True)
+    backbone, trainable = split_params(params)
+    trainable = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), trainable)
+    before = jax.tree_util.tree_map(np.asarray, backbone)
+    opt = make_optimizer(cosine_schedule(1e-2, 10))
+    opt_state = opt.init(trainable)
+    step = jax.jit(make_train_step(TINY, LossOptions(K, jnp.float32, True, 2), opt))
+    batch = next(iter(make_dataset(tiny_setup["data_dir"], 32, 4, K, 2, 0, 1).to_iter_dataset()))
+    batch = {k: jnp.asarray(v)[None] for k, v in batch.items()}
+    new_tr, new_state, m = step(trainable, opt_state, backbone, batch)
+    assert np.isfinite(float(m["loss"])) and float(m["loss"]) > 0
+    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(backbone)):
+        np.testing.assert_array_equal(a, np.asarray(b))          # frozen: bit-identical
+    changed = [not np.array_equal(a, b) for a, b in
+               zip(jax.tree_util.tree_leaves(trainable), jax.tree_util.tree_leaves(new_tr))]
+    assert all(changed)
+    # optimizer moments exist for the trainable tree only
+    n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
+    n_state = sum(x.size for x in jax.tree_util.tree_leaves(new_state) if x.ndim > 0)
+    assert n_state == 2 * n_train
+    paths = {jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(new_state) if x.ndim}
+    assert all("_diff" in p for p in paths)
+
+
+def test_kl_is_zero_when_views_agree():
+    """Sanity of the objective: if the diffusion view could see the clean block causally it would
+    equal the teacher; here we check KL(p || p) = 0 and agreement = 1 on the helper itself."""
+    from train.step import kl_and_agreement, teacher_stats
+    logits = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 64))
+    t = teacher_stats(logits)
+    kl, agree = kl_and_agreement(t["probs"], t["neg_entropy"], t["argmax"], logits)
+    np.testing.assert_allclose(kl, 0.0, atol=1e-5)
+    assert bool(agree.all())
+
+
+# ------------------------------------------------------------------ runs: sharding, resume, NaN
+
+
+def test_sharded_losses_match_single_device(tiny_setup, tmp_path):
+    from train.run import train
+    assert jax.device_count() == 8
+    ref_dir = tmp_path / "m111"
+    train(tiny_cfg(tiny_setup, ref_dir, global_batch=8, grad_accum=2, max_steps=3))
+    ref = losses(ref_dir)
+    for d, f, t in ((8, 1, 1), (2, 4, 1), (2, 2, 2)):
+        out = tmp_path / f"m{d}{f}{t}"
+        train(tiny_cfg(tiny_setup, out, global_batch=8, grad_accum=2, max_steps=3,
+                       mesh_data=d, mesh_fsdp=f, mesh_tensor=t))
+        np.testing.assert_allclose(losses(out), ref, rtol=2e-5, atol=1e-6, err_msg=f"mesh {d},{f},{t}")
+
+
+def test_resume_reaches_same_loss(tiny_setup, tmp_path):
+    from train.run import train
+    full = tmp_path / "full"
+    train(tiny_cfg(tiny_setup, full, max_steps=4, export_at_end=True))
+    part = tmp_path / "part"   # stopped after n = 2 steps (same schedule), then resumed to 2n
+    train(tiny_cfg(tiny_setup, part, max_steps=2, schedule_steps=4, save_every=100))
+    assert sorted(os.listdir(part / "checkpoints")) == ["2"]
+    train(tiny_cfg(tiny_setup, part, max_steps=4, schedule_steps=4, save_every=100))
+    assert len(losses(part)) == 4
+    np.testing.assert_allclose(losses(part), losses(full), rtol=1e-6)
+    # the export is a loadable full model dir: backbone untouched, heads trained
+    from orthrus_jax.checkpoint import load_model
+    _, params = load_model(str(full / "model"), jnp.float32)
+    _, init = load_model(tiny_setup["model_dir"], jnp.float32)
+    bb, tr = split_params(params)
+    bb0, tr0 = split_params(init)
+    for a, b in zip(jax.tree_util.tree_leaves(bb), jax.tree_util.tree_leaves(bb0)):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b.astype(jnp.bfloat16), np.float32))
+    assert not np.array_equal(np.asarray(tr["layers"]["q_proj_diff"]), np.asarray(tr0["layers"]["q_proj_diff"]))
+
+
+def test_nan_stops_and_keeps_last_good_checkpoint(tiny_setup, tmp_path):
+    from train.run import NonFiniteLoss, train
+    out = tmp_path / "nan"
+    train(tiny_cfg(tiny_setup, out, max_steps=2, save_every=1))
+    with pytest.raises(NonFiniteLoss):
+        train(tiny_cfg(tiny_setup, out, max_steps=4, save_every=1, learning_rate=float("nan")))
+    assert sorted(int(s) for s in os.listdir(out / "checkpoints") if s.isdigit())[-1] == 2
+    assert len(losses(out)) == 2

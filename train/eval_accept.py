@@ -1,0 +1,56 @@
+"""Acceptance of a model dir under infer.decoder.generate (Orthrus mode) on dev prompts.
+
+    python -m train.eval_accept --model DIR [--prompts FILE --n 20 --max-new-tokens 128]
+
+Greedy and sampled (T 0.7, top-p 0.8, top-k 20). acceptance_length = drafts accepted per
+cycle, bonus excluded (the decoder's definition); also TPF and per-position acceptance.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax.numpy as jnp
+import numpy as np
+
+from infer.decoder import generate, summarize
+from infer.text import encode, load_tokenizer
+from train.make_data import load_any_model, read_prompts
+
+SETTINGS = {"greedy": dict(temperature=0.0),
+            "sampled": dict(temperature=0.7, top_p=0.8, top_k=20, seed=0)}
+
+
+def evaluate(model_dir: str, prompts_path: str, n: int = 20, max_new_tokens: int = 128,
+             batch_size: int = 20, settings=("greedy", "sampled")) -> dict:
+    cfg, params = load_any_model(model_dir, jnp.float32)
+    tok = load_tokenizer(model_dir)
+    prompts = [encode(tok, t) for t in read_prompts(prompts_path, n)]
+    out = {"model": model_dir, "prompts": n, "max_new_tokens": max_new_tokens}
+    for name in settings:
+        res = generate(params, cfg, prompts, mode="orthrus", max_new_tokens=max_new_tokens,
+                       batch_size=batch_size, **SETTINGS[name])
+        summ = summarize(res)
+        cycles = np.array([r.stats.cycles for r in res], float)
+        pos = np.array([r.stats.position_acceptance for r in res]) * cycles[:, None]
+        summ["position_acceptance"] = [round(float(x), 4) for x in pos.sum(0) / cycles.sum()]
+        summ.pop("acceptance_hist", None)
+        out[name] = summ
+    return out
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--prompts", default="/work/shared/data/prompts-dev.jsonl")
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--greedy-only", action="store_true")
+    a = ap.parse_args(argv)
+    res = evaluate(a.model, a.prompts, a.n, a.max_new_tokens,
+                   settings=("greedy",) if a.greedy_only else ("greedy", "sampled"))
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()
