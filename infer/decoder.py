@@ -55,7 +55,8 @@ class DecodeSpec:
     block_size: int = 32
     max_new_tokens: int = 256  # output buffer length; per-row limits may be smaller
     greedy: bool = True
-    filtered: bool = False  # top-k or top-p in use (sampling only)
+    top_k: int = 0  # sampling: static, 0 = off
+    use_top_p: bool = False  # sampling: top_p < 1
     eos_ids: tuple[int, ...] = ()
 
     @property
@@ -70,16 +71,14 @@ class DecodeSpec:
 
 @flax.struct.dataclass
 class Sampling:
-    """Traced sampling values (changing them does not recompile)."""
+    """Traced sampling values (changing them does not recompile; top_k is static in DecodeSpec)."""
 
     temperature: Array
-    top_k: Array
     top_p: Array
 
     @classmethod
-    def make(cls, temperature: float, top_k: int, top_p: float) -> "Sampling":
-        return cls(jnp.float32(temperature if temperature > 0 else 1.0), jnp.int32(top_k),
-                   jnp.float32(top_p))
+    def make(cls, temperature: float, top_p: float) -> "Sampling":
+        return cls(jnp.float32(temperature if temperature > 0 else 1.0), jnp.float32(top_p))
 
 
 @flax.struct.dataclass
@@ -98,8 +97,8 @@ class DecodeState:
 
 
 def _processed(spec: DecodeSpec, sampling: Sampling, logits: Array) -> Array:
-    return S.process_logits(logits, sampling.temperature, sampling.top_k, sampling.top_p,
-                            filtered=spec.filtered)
+    return S.process_logits(logits, sampling.temperature, sampling.top_p, top_k=spec.top_k,
+                            use_top_p=spec.use_top_p)
 
 
 def _pick(spec: DecodeSpec, sampling: Sampling, key: Array, logits: Array) -> Array:
@@ -317,7 +316,8 @@ def make_spec(cfg: Qwen3Config, *, mode: str = "orthrus", max_new_tokens: int = 
     greedy = temperature == 0.0
     eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     return DecodeSpec(cfg=cfg, mode=mode, block_size=k, max_new_tokens=max(int(max_new_tokens), 1),
-                      greedy=greedy, filtered=(not greedy) and (top_k > 0 or top_p < 1.0),
+                      greedy=greedy, top_k=0 if greedy else int(top_k),
+                      use_top_p=(not greedy) and top_p < 1.0,
                       eos_ids=tuple(int(e) for e in eos))
 
 
@@ -338,9 +338,9 @@ def _check_prompts(cfg: Qwen3Config, prompts: Sequence[Sequence[int]], max_new: 
     return capacity
 
 
-def _pad_batch(prompts: Sequence[Sequence[int]], max_new: int, batch: int
+def _pad_batch(prompts: Sequence[Sequence[int]], max_new: int, batch: int, pad_to: int = 0
                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    p = length_bucket(max(len(x) for x in prompts))
+    p = length_bucket(max(max(len(x) for x in prompts), pad_to))
     tokens = np.zeros((batch, p), np.int32)
     lens = np.ones((batch,), np.int32)
     limits = np.zeros((batch,), np.int32)
@@ -355,9 +355,9 @@ class _Batch:
     """One padded batch: prefill, then either the single while_loop or a Python stepper."""
 
     def __init__(self, params, spec: DecodeSpec, prompts, max_new: int, batch: int,
-                 sampling: Sampling, key: Array):
+                 sampling: Sampling, key: Array, pad_to: int = 0):
         self.params, self.spec, self.sampling, self.n = params, spec, sampling, len(prompts)
-        tokens, lens, limits = _pad_batch(prompts, max_new, batch)
+        tokens, lens, limits = _pad_batch(prompts, max_new, batch, pad_to)
         self.t0 = time.perf_counter()
         self.state = prefill_jit(params, spec, jnp.asarray(tokens), jnp.asarray(lens),
                                  jnp.asarray(limits), sampling, key)
@@ -406,7 +406,7 @@ def _batches(prompts, batch_size: int) -> list[list[int]]:
 def generate(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]], *,
              mode: str = "orthrus", max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, block_size: int | None = None,
-             batch_size: int = 32, max_len: int | None = None,
+             batch_size: int = 32, max_len: int | None = None, pad_to: int = 0,
              eos_token_ids: Sequence[int] | None = None,
              on_tokens: Callable[[int, list[int]], None] | None = None) -> list[GenerationResult]:
     """Generate for a list of token-id prompts; results in prompt order.
@@ -416,6 +416,7 @@ def generate(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]], *,
     exact rejection sampling in orthrus mode. Prompts are sorted by length and run in batches of
     at most batch_size rows (padded to power-of-two row counts and bucketed lengths). max_len is
     the cache capacity (default cfg.max_position_embeddings): prompt + max_new_tokens must fit.
+    pad_to raises the padded prompt length to at least this bucket (fewer distinct compiles).
     eos_token_ids defaults to cfg.eos_token_ids. on_tokens(prompt_index, new_ids) streams tokens
     per cycle (a Python stepper over the same jitted step); without it each batch is one
     while_loop call.
@@ -426,7 +427,7 @@ def generate(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]], *,
         raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
     prompts = [list(map(int, p)) for p in prompts]
     _check_prompts(cfg, prompts, max_new_tokens, max_len)
-    sampling = Sampling.make(temperature, top_k, top_p)
+    sampling = Sampling.make(temperature, top_p)
     results: list[GenerationResult | None] = [None] * len(prompts)
     base_key = jax.random.PRNGKey(seed)
     for bi, idx in enumerate(_batches(prompts, batch_size)):
@@ -437,7 +438,7 @@ def generate(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]], *,
             continue
         batch = _Batch(params, spec, [prompts[i] for i in idx], max_new_tokens,
                        batch_bucket(len(idx), batch_size), sampling,
-                       jax.random.fold_in(base_key, bi))
+                       jax.random.fold_in(base_key, bi), pad_to)
         if on_tokens is None:
             batch.run()
         else:

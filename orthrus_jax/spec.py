@@ -17,30 +17,49 @@ Array = jax.Array
 RESIDUAL_FLOOR = 1e-5  # below this residual mass, the correction is drawn from p (as the reference)
 
 
-def process_logits(logits: Array, temperature: Array | float, top_k: Array | int = 0,
-                   top_p: Array | float = 1.0, *, filtered: bool = True) -> Array:
+TOP_P_CANDIDATES = 256  # top-p looks at this many best tokens first; a full sort only if short
+
+
+def _top_p_threshold(x: Array, sorted_desc: Array, top_p: Array) -> Array:
+    """Smallest logit kept by top-p, from the best logits sorted descending (a prefix of all).
+
+    Probabilities use the normaliser over all of x, so a prefix of the sorted logits suffices
+    whenever its mass reaches top_p. Keeps the smallest prefix whose mass reaches top_p: a token
+    is kept iff the mass strictly before it is < top_p (HF's TopPLogitsWarper), at least one.
+    """
+    lse = jax.nn.logsumexp(x, axis=-1, keepdims=True)
+    probs = jnp.exp(sorted_desc - lse)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    keep = (mass_before < top_p).at[..., 0].set(True)
+    return jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+
+
+def process_logits(logits: Array, temperature: Array | float, top_p: Array | float = 1.0, *,
+                   top_k: int = 0, use_top_p: bool = True) -> Array:
     """Normalised fp32 log-probabilities after temperature, then top-k, then top-p (HF order).
 
-    temperature > 0. top_k <= 0 disables top-k; top_p >= 1 disables top-p. Ties at the top-k
-    threshold are kept (as HF). top-p keeps the smallest prefix of the sorted distribution whose
-    mass reaches top_p (always at least one token). filtered=False (static) skips the sort when
-    neither filter is in use. Removed tokens get -inf.
+    temperature > 0 (traced). top_k is static (0 = off): lax.top_k, no full sort. top_p is traced;
+    use_top_p=False (static) skips it. Removed tokens get -inf; ties at a threshold are kept (as
+    HF). Without top-k, top-p first tries the TOP_P_CANDIDATES best tokens and falls back to a
+    full sort (slow on CPU) only when their mass is below top_p. The result is exactly the
+    distribution drafts are sampled from and that rejection sampling compares.
     """
     x = logits.astype(jnp.float32) / jnp.asarray(temperature, jnp.float32)
-    if filtered:
-        v = x.shape[-1]
-        sorted_desc = -jnp.sort(-x, axis=-1)
-        k = jnp.asarray(top_k, jnp.int32)
-        kth = jnp.take_along_axis(sorted_desc, jnp.clip(k - 1, 0, v - 1)[..., None]
-                                  * jnp.ones(x.shape[:-1] + (1,), jnp.int32), axis=-1)
-        x = jnp.where((k > 0) & (x < kth), -jnp.inf, x)
-        sorted_desc = jnp.where((k > 0) & (sorted_desc < kth), -jnp.inf, sorted_desc)
-        probs = jax.nn.softmax(sorted_desc, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        keep_sorted = mass_before < jnp.asarray(top_p, jnp.float32)
-        keep_sorted = keep_sorted.at[..., 0].set(True)
-        # threshold = smallest kept sorted logit; keep every token at or above it
-        thresh = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+    v = x.shape[-1]
+    top_p = jnp.asarray(top_p, jnp.float32)
+    if top_k > 0 and top_k < v:
+        best = jax.lax.top_k(x, top_k)[0]
+        # min, not best[..., -1:]: XLA:CPU keeps its fast top-k only for slices starting at 0
+        x = jnp.where(x < jnp.min(best, axis=-1, keepdims=True), -jnp.inf, x)
+        if use_top_p:
+            x = jnp.where(x < _top_p_threshold(x, best, top_p), -jnp.inf, x)
+    elif use_top_p:
+        cap = min(v, TOP_P_CANDIDATES)
+        best = jax.lax.top_k(x, cap)[0]
+        enough = jnp.all(jnp.sum(jnp.exp(best - jax.nn.logsumexp(x, -1, keepdims=True)), -1)
+                         >= top_p)
+        thresh = jax.lax.cond(enough, lambda: _top_p_threshold(x, best, top_p),
+                              lambda: _top_p_threshold(x, -jnp.sort(-x, axis=-1), top_p))
         x = jnp.where(x < thresh, -jnp.inf, x)
     return jax.nn.log_softmax(x, axis=-1)
 
