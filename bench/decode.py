@@ -1,0 +1,408 @@
+"""Decode throughput: HF transformers generate vs our AR mode vs Orthrus, per batch size.
+
+    python -m bench.decode --model checkpoints/demo --hf-dir /work/shared/models/micro-qwen3 \
+        --prompts /work/shared/data/prompts-dev.jsonl --num-prompts 64 --max-new-tokens 256 \
+        --batch-sizes 1,4,8,16,32
+
+One run times three engines on the same token-id prompts (raw text, no chat template), the same
+max_new_tokens and EOS ids: the HF peer (`AutoModelForCausalLM.generate`, greedy unless
+--temperature > 0, left-padded batches), `infer.decoder.generate(mode="ar")` and
+`generate(mode="orthrus")`. Every (engine, batch size) is warmed up first on one batch per
+compiled shape, then the whole prompt set is timed (best of --repeats); tokens/s = new tokens
+(up to and including EOS) / wall seconds, prefill included, compile excluded. Greedy outputs are
+compared token for token (Orthrus vs our AR vs HF). Writes decode-<stamp>.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from bench import common
+from infer import decoder
+
+ENGINES = ("hf", "ar", "orthrus")
+LABELS = {"hf": "HF transformers generate", "ar": "ours, AR mode", "orthrus": "ours, Orthrus"}
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs
+
+
+def load_prompts(path: str, tokenizer_file: str, num_prompts: int, max_prompt_tokens: int
+                 ) -> list[list[int]]:
+    """The first num_prompts "prompt" fields of a JSONL file, tokenized, keeping the last tokens."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_file)
+    out = []
+    with open(path) as f:
+        for line in f:
+            if len(out) >= num_prompts:
+                break
+            if not line.strip():
+                continue
+            ids = tok.encode(json.loads(line)["prompt"], add_special_tokens=False).ids
+            if ids:
+                out.append(ids[-max_prompt_tokens:])
+    if len(out) < num_prompts:
+        raise SystemExit(f"{path}: only {len(out)} non-empty prompts, {num_prompts} requested")
+    return out
+
+
+def load_ours(model_dir: str, dtype: str) -> tuple[Any, Any]:
+    """(cfg, params) from an Orthrus model dir (params/) or, failing that, an HF dir."""
+    dt = jnp.dtype(dtype)
+    if os.path.isdir(os.path.join(model_dir, "params")):
+        from orthrus_jax.checkpoint import load_model
+        return load_model(model_dir, dt)
+    from convert.hf_params import read_hf_params
+    return read_hf_params(model_dir, dt)
+
+
+def find_tokenizer(*dirs: str) -> str:
+    for d in dirs:
+        p = os.path.join(d, "tokenizer.json")
+        if os.path.exists(p):
+            return p
+    raise SystemExit(f"no tokenizer.json in any of {dirs}")
+
+
+# ---------------------------------------------------------------------------------------------
+# engines
+
+
+class HFPeer:
+    """Batched HF generate over token-id prompts (left padding), fp32 on CPU."""
+
+    def __init__(self, hf_dir: str, dtype: str = "float32"):
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.torch = torch
+        self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype))
+        self.model.eval()
+
+    def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
+                 eos_ids: Sequence[int], pad_id: int, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int = 0) -> list[list[int]]:
+        torch = self.torch
+        torch.manual_seed(seed)
+        out: list[list[int] | None] = [None] * len(prompts)
+        sample = temperature > 0
+        kw = dict(do_sample=sample, max_new_tokens=max_new_tokens, min_new_tokens=0,
+                  eos_token_id=list(eos_ids) or None, pad_token_id=pad_id,
+                  temperature=temperature if sample else None,
+                  top_k=(top_k or None) if sample else None,
+                  top_p=top_p if sample and top_p < 1.0 else None)
+        for idx in sorted_batches(prompts, batch_size):
+            width = max(len(prompts[i]) for i in idx)
+            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(idx), width), dtype=torch.long)
+            for r, i in enumerate(idx):
+                p = prompts[i]
+                ids[r, width - len(p):] = torch.tensor(p)
+                mask[r, width - len(p):] = 1
+            with torch.inference_mode():
+                gen = self.model.generate(input_ids=ids, attention_mask=mask, **kw)
+            for r, i in enumerate(idx):
+                out[i] = truncate_at_eos(gen[r, width:].tolist(), eos_ids)
+        return out  # type: ignore[return-value]
+
+
+def sorted_batches(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """The decoder's batching: prompts sorted by length (stable), chunks of batch_size."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    return [order[i: i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def truncate_at_eos(ids: list[int], eos_ids: Sequence[int]) -> list[int]:
+    eos = set(eos_ids)
+    for j, t in enumerate(ids):
+        if t in eos:
+            return ids[: j + 1]
+    return ids
+
+
+def warmup_sets(prompts: Sequence[Sequence[int]], batch_size: int) -> list[list[int]]:
+    """One batch per distinct compiled shape (length bucket, row bucket) the timed run will use."""
+    seen, reps = set(), []
+    for idx in sorted_batches(prompts, batch_size):
+        key = (decoder.length_bucket(max(len(prompts[i]) for i in idx)),
+               decoder.batch_bucket(len(idx), batch_size))
+        if key not in seen:
+            seen.add(key)
+            reps.append(idx)
+    return reps
+
+
+def run_engine(engine: str, prompts, batch_size: int, *, args, cfg, params, hf: HFPeer | None,
+               eos_ids: Sequence[int]) -> tuple[list[list[int]], dict[str, Any]]:
+    """Warm up, then time the whole prompt set; (token ids per prompt, record)."""
+    sampling = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    if engine == "hf":
+        def call(ps):
+            return hf.generate(ps, max_new_tokens=args.max_new_tokens, batch_size=batch_size,
+                               eos_ids=eos_ids, pad_id=args.pad_id, **sampling), None
+    else:
+        def call(ps):
+            res = decoder.generate(params, cfg, ps, mode=engine, max_new_tokens=args.max_new_tokens,
+                                   batch_size=batch_size, block_size=args.block_size,
+                                   eos_token_ids=eos_ids, **sampling)
+            return [r.token_ids for r in res], res
+
+    warm_s = 0.0
+    for idx in warmup_sets(prompts, batch_size):
+        _, dt = common.timed(lambda: call([prompts[i] for i in idx]))
+        warm_s += dt
+    traces = dict(decoder.TRACE_COUNTS)
+    (ids, res), best = common.best_of(lambda: call(prompts), args.repeats)
+    retraced = engine != "hf" and dict(decoder.TRACE_COUNTS) != traces
+    tokens = sum(len(x) for x in ids)
+    rec: dict[str, Any] = {"engine": engine, "batch_size": batch_size, "prompts": len(prompts),
+                           "tokens": tokens, "time_s": best, "tokens_per_s": tokens / best,
+                           "warmup_s": warm_s, "retraced_in_timed_run": retraced}
+    if res is not None:
+        s = decoder.summarize(res)
+        rec.update(tpf=s["tpf"], acceptance_length=s["acceptance_length"],
+                   forward_passes=s["forward_passes"], cycles=s["cycles"])
+        if engine == "orthrus":
+            rec["acceptance_hist"] = s["acceptance_hist"]
+    else:  # HF: one forward pass per new token (the prefill yields the first one)
+        rec.update(tpf=1.0, acceptance_length=None, forward_passes=tokens, cycles=None)
+    return ids, rec
+
+
+# ---------------------------------------------------------------------------------------------
+# comparison and report
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
+    for j, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return j
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def compare(outputs: dict[str, list[list[int]]]) -> dict[str, Any]:
+    pairs = [("orthrus", "ar"), ("ar", "hf"), ("orthrus", "hf")]
+    out = {}
+    for a, b in pairs:
+        if a not in outputs or b not in outputs:
+            continue
+        div = [first_divergence(x, y) for x, y in zip(outputs[a], outputs[b])]
+        bad = [(i, d) for i, d in enumerate(div) if d is not None]
+        out[f"{a}=={b}"] = {"match": len(div) - len(bad), "of": len(div),
+                            "mismatches": [{"prompt": i, "first_diff_at": d} for i, d in bad[:20]]}
+    return out
+
+
+def ratios(rows: dict[tuple[str, int], dict[str, Any]], batch_sizes: Sequence[int]
+           ) -> dict[int, dict[str, float | None]]:
+    def tps(engine, b):
+        r = rows.get((engine, b))
+        return r["tokens_per_s"] if r else None
+
+    def div(x, y):
+        return x / y if (x is not None and y) else None
+
+    b1 = batch_sizes[0] if 1 not in batch_sizes else 1
+    return {b: {"ar_over_hf": div(tps("ar", b), tps("hf", b)),
+                "orthrus_over_ar": div(tps("orthrus", b), tps("ar", b)),
+                "orthrus_over_hf": div(tps("orthrus", b), tps("hf", b)),
+                "orthrus_over_orthrus_b1": div(tps("orthrus", b), tps("orthrus", b1)),
+                "ar_over_ar_b1": div(tps("ar", b), tps("ar", b1))} for b in batch_sizes}
+
+
+def check_targets(rows, rat, batch_sizes) -> list[dict[str, Any]]:
+    t = []
+    r1 = rat.get(1, {})
+    t.append(common.target("our AR >= 5x HF generate tokens/s (batch 1)", r1.get("ar_over_hf"),
+                           5.0, "micro model, this CPU"))
+    orth, ar = rows.get(("orthrus", 1)), rows.get(("ar", 1))
+    if orth and ar:
+        need = 0.8 * orth["tpf"] * ar["tokens_per_s"]
+        t.append(common.target("Orthrus tokens/s >= 0.8 x TPF x our AR tokens/s (batch 1)",
+                               orth["tokens_per_s"], need,
+                               f"TPF {orth['tpf']:.3g}, AR {ar['tokens_per_s']:.4g} tok/s"))
+    else:
+        t.append(common.target("Orthrus tokens/s >= 0.8 x TPF x our AR tokens/s (batch 1)", None,
+                               None, "batch 1 not run"))
+    t.append(common.target("Orthrus batch 8 >= 4x Orthrus batch 1 tokens/s",
+                           rat.get(8, {}).get("orthrus_over_orthrus_b1") if 1 in rat else None,
+                           4.0, "batch 1 and 8 both needed"))
+    return t
+
+
+def plot(path: str, rows, batch_sizes, engines, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(batch_sizes), 4.2))
+    width = 0.8 / len(engines)
+    x = np.arange(len(batch_sizes))
+    for j, e in enumerate(engines):
+        vals = [rows[(e, b)]["tokens_per_s"] if (e, b) in rows else 0.0 for b in batch_sizes]
+        bars = ax.bar(x + (j - (len(engines) - 1) / 2) * width, vals, width, label=LABELS[e])
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(x, [str(b) for b in batch_sizes])
+    ax.set(xlabel="batch size", ylabel="tokens/s (new tokens, prefill included)", yscale="log",
+           title=title)
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * 8)  # headroom for the legend and labels
+    ax.legend(fontsize=8, loc="upper left", ncol=len(engines))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(record: dict[str, Any]) -> str:
+    a = record["args"]
+    lines = [common.md_preamble("Decode benchmark: HF generate vs ours (AR) vs Orthrus", record),
+             f"- model: `{a['model']}` (dtype {a['dtype']}), HF peer: `{a['hf_dir']}` "
+             f"(torch {record.get('torch', '?')}, {record.get('torch_threads', '?')} threads)",
+             f"- {a['num_prompts']} prompts from `{a['prompts']}` (last <= {a['max_prompt_tokens']}"
+             f" tokens, mean {record['prompt_tokens_mean']:.0f}), max_new_tokens "
+             f"{a['max_new_tokens']}, temperature {a['temperature']}, block size K = "
+             f"{record['block_size']}",
+             "- tokens/s = new tokens / wall time of the whole prompt set (prefill included, "
+             "compile excluded: each shape warmed up first); TPF = tokens / forward passes; AL = "
+             "accepted drafts per cycle (bonus excluded)\n"]
+    rows = {(r["engine"], r["batch_size"]): r for r in record["runs"]}
+    table = []
+    for b in record["batch_sizes"]:
+        g = lambda e, k: rows[(e, b)][k] if (e, b) in rows else None  # noqa: E731
+        rat = record["ratios"][str(b)]
+        m = record["match"].get(str(b), {})
+        ms = "; ".join(f"{k}: {v['match']}/{v['of']}" for k, v in m.items()) or "n/a"
+        table.append([b, g("hf", "tokens_per_s"), g("ar", "tokens_per_s"),
+                      g("orthrus", "tokens_per_s"), rat["ar_over_hf"], rat["orthrus_over_ar"],
+                      rat["orthrus_over_orthrus_b1"], g("orthrus", "tpf"),
+                      g("orthrus", "acceptance_length"), ms])
+    lines.append(common.md_table(
+        ["batch", "HF tok/s", "AR tok/s", "Orthrus tok/s", "AR/HF", "Orthrus/AR",
+         "Orthrus b/b1", "Orthrus TPF", "Orthrus AL", "token-for-token match"], table))
+    lines.append("\n## Targets\n")
+    lines += [f"- **{t['status']}** {t['target']}: "
+              + ("n/a" if t["value"] is None else f"{t['value']:.3g}")
+              + ("" if t["threshold"] is None else f" (needs >= {t['threshold']:.3g})")
+              + f"; {t['detail']}" for t in record["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# driver
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    record = common.header("decode", args)
+    batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+    engines = [e for e in ENGINES if e in args.engines.split(",")]
+    cfg, params = load_ours(args.model, args.dtype)
+    eos_ids = tuple(cfg.eos_token_ids) if args.eos is None else tuple(
+        int(e) for e in args.eos.split(",") if e.strip())
+    if args.pad_id is None:
+        args.pad_id = eos_ids[0] if eos_ids else 0
+    prompts = load_prompts(args.prompts, args.tokenizer or find_tokenizer(args.model, args.hf_dir),
+                           args.num_prompts, args.max_prompt_tokens)
+    hf = HFPeer(args.hf_dir, args.dtype) if "hf" in engines else None
+    if hf is not None:
+        import torch
+        record.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+        import transformers
+        record["transformers"] = transformers.__version__
+    record.update(batch_sizes=batch_sizes, engines=engines, eos_ids=list(eos_ids),
+                  block_size=int(args.block_size or cfg.block_size),
+                  prompt_tokens_mean=float(np.mean([len(p) for p in prompts])))
+    runs, match = [], {}
+    for b in batch_sizes:
+        outputs = {}
+        for e in engines:
+            ids, rec = run_engine(e, prompts, b, args=args, cfg=cfg, params=params, hf=hf,
+                                  eos_ids=eos_ids)
+            outputs[e] = ids
+            runs.append(rec)
+            extra = (f", TPF {rec['tpf']:.3g}, AL {rec['acceptance_length']:.3g}"
+                     if e == "orthrus" else "")
+            print(f"batch {b:3d} {LABELS[e]:26s} {rec['tokens_per_s']:10.1f} tok/s "
+                  f"({rec['tokens']} tokens in {rec['time_s']:.3f} s{extra})", flush=True)
+        match[str(b)] = compare(outputs) if args.temperature == 0 else {}
+    rows = {(r["engine"], r["batch_size"]): r for r in runs}
+    rat = ratios(rows, batch_sizes)
+    targets = check_targets(rows, rat, batch_sizes)
+    all_match = (all(v["match"] == v["of"] for m in match.values() for v in m.values())
+                 if args.temperature == 0 else None)
+    record.update(runs=runs, ratios={str(b): r for b, r in rat.items()}, match=match,
+                  all_outputs_match=all_match, targets=targets)
+    out = args.out_dir
+    jpath = common.result_path(out, "decode", record["stamp"], "json")
+    mpath = common.result_path(out, "decode", record["stamp"], "md")
+    ppath = common.result_path(out, "decode", record["stamp"], "png")
+    record["files"] = {"json": jpath, "markdown": mpath, "png": ppath}
+    common.write_json(jpath, record)
+    with open(mpath, "w") as f:
+        f.write(markdown(record))
+    m = record["machine"]
+    device = m["backend"] if m["device_kind"] == m["backend"] else f"{m['backend']} {m['device_kind']}"
+    plot(ppath, rows, batch_sizes, engines,
+         f"decode tokens/s, {os.path.normpath(args.model)}, {device}, {record['date'][:10]}")
+
+    print("\nratios (tokens/s):")
+    for b in batch_sizes:
+        r = rat[b]
+        print(f"  batch {b:3d}: " + ", ".join(
+            f"{k} {v:.3g}" for k, v in r.items() if v is not None))
+    if all_match is not None:
+        print(f"all greedy outputs match token for token: {all_match}")
+        for b, mm in match.items():
+            for k, v in mm.items():
+                if v["match"] != v["of"]:
+                    print(f"  batch {b} {k}: {v['match']}/{v['of']} match, first mismatches "
+                          f"{v['mismatches'][:3]}")
+    common.print_targets(targets)
+    print(f"wrote {jpath}, {mpath}, {ppath}")
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="checkpoints/demo",
+                   help="Orthrus model dir (params/), or an HF dir (diffusion twins = AR copies)")
+    p.add_argument("--hf-dir", default="/work/shared/models/micro-qwen3",
+                   help="HF model dir of the same backbone, for the transformers peer")
+    p.add_argument("--prompts", default="/work/shared/data/prompts-dev.jsonl",
+                   help="JSONL with a \"prompt\" field per line")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: from --model/--hf-dir)")
+    p.add_argument("--num-prompts", type=int, default=64)
+    p.add_argument("--max-prompt-tokens", type=int, default=512,
+                   help="keep the last N tokens of each prompt (default 512)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-sizes", default="1,4,8,16,32")
+    p.add_argument("--engines", default="hf,ar,orthrus", help="subset of hf,ar,orthrus")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="0 = greedy (outputs compared token for token); > 0 samples")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--block-size", type=int, default=None, help="K (default: the model's)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="compute dtype for ours and HF (default float32: exact matching)")
+    p.add_argument("--eos", default=None, help="comma-separated EOS ids (default: model config)")
+    p.add_argument("--pad-id", type=int, default=None, help="HF pad id (default: first EOS)")
+    p.add_argument("--repeats", type=int, default=1, help="timed runs per config; best is kept")
+    p.add_argument("--out-dir", default=common.DEFAULT_OUT_DIR)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

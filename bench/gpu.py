@@ -1,0 +1,219 @@
+"""GPU decode timings at real Qwen3 shapes with random weights, against the weight-streaming floor.
+
+    python -m bench.gpu                           # Qwen3-1.7B and Qwen3-8B shapes, bf16, on a GPU
+    python -m bench.gpu --shape tiny              # the same code path on CPU with a tiny config
+
+Per shape: random weights (orthrus_jax.params.init_params, bf16); memory bandwidth measured with a
+large jnp copy (bytes read + written / time); AR ms per token = (generate time - prefill) / loop
+steps of infer.decoder.generate(mode="ar"); Orthrus ms per cycle the same for mode="orthrus"
+(one diffusion pass + one verify pass of K tokens). The floors are the bytes one step must read
+(AR: the AR-view weights + the allocated KV cache; Orthrus cycle: those plus the diffusion-view
+weights) / bandwidth. Random weights accept almost no drafts, so Orthrus tokens/s here says
+nothing; ms per cycle vs AR ms per step gives the break-even acceptance length
+(cycle / step - 1) and the speedup at a given acceptance length AL: (AL + 1) * step / cycle.
+EOS is disabled so every row runs the full --new-tokens. Writes gpu-<stamp>.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import sys
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bench import common
+from infer import decoder
+from orthrus_jax.config import Qwen3Config
+from orthrus_jax.params import DIFF_KEYS, count_params, init_params, param_shapes
+
+SHAPES: dict[str, Qwen3Config] = {
+    "qwen3-1.7b": Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+                              num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                              tie_word_embeddings=True, mask_token_id=151669),
+    "qwen3-8b": Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                            num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
+                            tie_word_embeddings=False, mask_token_id=151669),
+    "tiny": Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                        num_heads=2, num_kv_heads=1, head_dim=32, tie_word_embeddings=True,
+                        max_position_embeddings=4096, block_size=8, mask_token_id=511),
+}
+CPU_SHAPES = ("tiny",)
+PAPER_AL = (3.84, 6.0, 11.7)  # vLLM PR 46007's 1.66x run, a middle value, MATH-500 (method doc)
+
+
+class NoGPU(SystemExit):
+    pass
+
+
+def check_platform(shapes: Sequence[str]) -> None:
+    platform = jax.devices()[0].platform
+    if platform == "gpu" or all(s in CPU_SHAPES for s in shapes):
+        return
+    raise NoGPU(f"bench.gpu: no GPU (jax platform is {platform!r}); run it on a GPU machine, or "
+                f"use --shape tiny for the CPU smoke path")
+
+
+def measure_bandwidth(nbytes: int, repeats: int = 10) -> dict[str, float]:
+    """Device memory bandwidth from an elementwise copy of nbytes (bytes read + written / time)."""
+    n = max(nbytes // 4, 1024)
+    x = jnp.arange(n, dtype=jnp.float32)
+    copy = jax.jit(lambda a: a * 1.0001)  # not elided by XLA: one full read and one full write
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        _, dt = common.timed(lambda: copy(x).block_until_ready())
+        times.append(dt)
+    best = min(times)
+    return {"bytes": 4 * n, "best_s": best, "median_s": float(np.median(times)),
+            "bandwidth_Bps": 2 * 4 * n / best}
+
+
+def step_bytes(cfg: Qwen3Config, dtype: Any, cache_len: int, batch: int) -> dict[str, int]:
+    """Bytes one AR step and one Orthrus cycle must read from memory (weights + KV cache)."""
+    shapes = param_shapes(cfg, dtype)
+    item = jnp.dtype(dtype).itemsize
+    layers = shapes["layers"]
+    diff = sum(int(np.prod(layers[k].shape)) for k in DIFF_KEYS) * item
+    ar_twins = sum(int(np.prod(layers[k[: -len("_diff")]].shape)) for k in DIFF_KEYS) * item
+    shared_layers = sum(int(np.prod(v.shape)) for k, v in layers.items()
+                        if k not in DIFF_KEYS) * item - ar_twins
+    head = int(np.prod(shapes["lm_head" if "lm_head" in shapes else "embed"].shape)) * item
+    ar_weights = shared_layers + ar_twins + head  # embedding rows of the inputs: negligible
+    kv = 2 * cfg.num_layers * batch * cache_len * cfg.num_kv_heads * cfg.head_dim * item
+    return {"ar_weights": ar_weights, "diff_twins": diff, "kv_cache": kv,
+            "ar_step": ar_weights + kv,
+            # diffusion pass: shared layers + diff twins + head + cache; verify pass: an AR step
+            "orthrus_cycle": (shared_layers + diff + head + kv) + (ar_weights + kv),
+            "total_params": count_params(shapes) * item}
+
+
+def time_mode(params, cfg: Qwen3Config, mode: str, prompts: list[list[int]], new_tokens: int,
+              block_size: int) -> dict[str, Any]:
+    """Warm up, then one timed generate; ms per loop iteration (prefill excluded)."""
+    kw = dict(mode=mode, max_new_tokens=new_tokens, batch_size=len(prompts),
+              block_size=block_size, eos_token_ids=())
+    _, warm_s = common.timed(lambda: decoder.generate(params, cfg, prompts, **kw))
+    res = decoder.generate(params, cfg, prompts, **kw)
+    st = res[0].stats
+    s = decoder.summarize(res)
+    loop_s = st.time_s - st.ttft_s
+    steps = max(r.stats.cycles for r in res)
+    return {"mode": mode, "warmup_s": warm_s, "ttft_s": st.ttft_s, "loop_s": loop_s,
+            "steps": steps, "ms_per_step": 1e3 * loop_s / max(steps, 1),
+            "tokens": s["tokens"], "tokens_per_s": s["tokens"] / st.time_s,
+            "tpf": s["tpf"], "acceptance_length": s["acceptance_length"]}
+
+
+def bench_shape(name: str, args: argparse.Namespace, bw: float) -> dict[str, Any]:
+    cfg = SHAPES[name]
+    k = int(args.block_size or cfg.block_size)
+    dtype = jnp.dtype(args.dtype)
+    init = jax.jit(functools.partial(init_params, cfg, dtype=dtype))
+    params = init(jax.random.PRNGKey(args.seed))
+    jax.block_until_ready(params)
+    rng = np.random.default_rng(args.seed)
+    prompts = [rng.integers(1, cfg.vocab_size - 1, args.prompt_len).tolist()
+               for _ in range(args.batch_size)]
+    spec = decoder.make_spec(cfg, mode="orthrus", max_new_tokens=args.new_tokens, block_size=k)
+    cache_len = spec.cache_len(decoder.length_bucket(args.prompt_len))
+    nbytes = step_bytes(cfg, dtype, cache_len, args.batch_size)
+    ar = time_mode(params, cfg, "ar", prompts, args.new_tokens, k)
+    orth = time_mode(params, cfg, "orthrus", prompts, args.new_tokens, k)
+    del params
+    ar_floor = 1e3 * nbytes["ar_step"] / bw
+    cyc_floor = 1e3 * nbytes["orthrus_cycle"] / bw
+    ratio = orth["ms_per_step"] / ar["ms_per_step"]
+    rec = {"shape": name, "config": dataclasses.asdict(cfg), "block_size": k,
+           "dtype": dtype.name, "batch_size": args.batch_size, "prompt_len": args.prompt_len,
+           "new_tokens": args.new_tokens, "cache_len": cache_len, "bytes": nbytes,
+           "ar": ar, "orthrus": orth,
+           "ar_floor_ms": ar_floor, "ar_over_floor": ar["ms_per_step"] / ar_floor,
+           "cycle_floor_ms": cyc_floor, "cycle_over_floor": orth["ms_per_step"] / cyc_floor,
+           "cycle_over_ar_step": ratio, "break_even_acceptance_length": ratio - 1.0,
+           "projected_speedup": {str(al): (al + 1.0) / ratio for al in PAPER_AL}}
+    print(f"{name:11s} AR {ar['ms_per_step']:.3f} ms/token (floor {ar_floor:.3f} ms, "
+          f"x{rec['ar_over_floor']:.2f}); Orthrus {orth['ms_per_step']:.3f} ms/cycle (floor "
+          f"{cyc_floor:.3f} ms, x{rec['cycle_over_floor']:.2f}); cycle/step {ratio:.2f}, "
+          f"break-even AL {ratio - 1:.2f}", flush=True)
+    return rec
+
+
+def markdown(record: dict[str, Any]) -> str:
+    a = record["args"]
+    bw = record["bandwidth"]
+    lines = [common.md_preamble("GPU decode: ms per token vs the weight-streaming floor", record),
+             f"- random weights ({a['dtype']}), batch {a['batch_size']}, prompt {a['prompt_len']} "
+             f"random tokens, {a['new_tokens']} new tokens (EOS off)",
+             f"- measured bandwidth: {bw['bandwidth_Bps'] / 1e9:.1f} GB/s (copy of "
+             f"{bw['bytes'] / 2**20:.0f} MiB, read + write)",
+             "- floor = bytes a step must read (weights of the view(s) + the allocated KV cache) / "
+             "bandwidth; Orthrus cycle = diffusion pass + verify pass of K tokens\n"]
+    rows = []
+    for r in record["shapes"]:
+        rows.append([r["shape"], r["bytes"]["ar_weights"] / 1e9, r["ar"]["ms_per_step"],
+                     r["ar_floor_ms"], r["ar_over_floor"], r["orthrus"]["ms_per_step"],
+                     r["cycle_floor_ms"], r["cycle_over_ar_step"],
+                     r["break_even_acceptance_length"],
+                     r["projected_speedup"][str(PAPER_AL[-1])], r["ar"]["ttft_s"] * 1e3])
+    lines.append(common.md_table(
+        ["shape", "AR weights GB", "AR ms/token", "floor ms", "AR/floor", "Orthrus ms/cycle",
+         "cycle floor ms", "cycle / AR step", "break-even AL",
+         f"speedup at AL {PAPER_AL[-1]}", "prefill ms"], rows))
+    return "\n".join(lines) + "\n"
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    shapes = [s.strip() for s in args.shape.split(",") if s.strip()]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        raise SystemExit(f"bench.gpu: unknown shape {unknown[0]!r}; choose from {sorted(SHAPES)}")
+    check_platform(shapes)
+    record = common.header("gpu", args)
+    nbytes = args.bw_mib * 2**20 if args.bw_mib else (
+        4 * 2**30 if jax.devices()[0].platform == "gpu" else 64 * 2**20)
+    bw = measure_bandwidth(nbytes)
+    print(f"bandwidth {bw['bandwidth_Bps'] / 1e9:.1f} GB/s ({bw['bytes'] / 2**20:.0f} MiB copy)",
+          flush=True)
+    record["bandwidth"] = bw
+    record["shapes"] = [bench_shape(s, args, bw["bandwidth_Bps"]) for s in shapes]
+    jpath = common.result_path(args.out_dir, "gpu", record["stamp"], "json")
+    mpath = common.result_path(args.out_dir, "gpu", record["stamp"], "md")
+    record["files"] = {"json": jpath, "markdown": mpath}
+    common.write_json(jpath, record)
+    with open(mpath, "w") as f:
+        f.write(markdown(record))
+    print(f"wrote {jpath}, {mpath}")
+    return record
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shape", default="qwen3-1.7b,qwen3-8b",
+                   help=f"comma-separated, from {sorted(SHAPES)}; only 'tiny' runs without a GPU")
+    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=None, help="K (default: the shape's)")
+    p.add_argument("--bw-mib", type=int, default=0,
+                   help="size of the bandwidth copy in MiB (default 4096 on GPU, 64 otherwise)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out-dir", default=common.DEFAULT_OUT_DIR)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    try:
+        return run(build_parser().parse_args(argv))
+    except NoGPU as err:
+        print(err.code, file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()
