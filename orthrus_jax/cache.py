@@ -35,12 +35,14 @@ def init_cache(cfg: Qwen3Config, batch: int, max_len: int, dtype: Any = jnp.floa
 def write_cache(cache: KVCache, new_k: jax.Array, new_v: jax.Array) -> KVCache:
     """Write new_k/v [layers, batch, T, kv, hd] at each row's length; length is left unchanged.
 
-    The caller commits with `cache.replace(length=...)`. Keep T slots of slack past the longest
-    row: dynamic_update_slice clamps out-of-range starts, which would overwrite valid entries.
+    The caller commits with `cache.replace(length=...)`. One scatter on the native layout, so XLA
+    updates the buffer in place inside a while loop (a vmapped dynamic_update_slice over the
+    batch axis made it copy the whole cache several times per step). Writes past max_len are
+    dropped, never clamped onto valid entries.
     """
-
-    def write_row(buf, new, start):  # buf [L, S, kv, hd], new [L, T, kv, hd]
-        return jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, start, 0, 0))
-
-    write = jax.vmap(write_row, in_axes=(1, 1, 0), out_axes=1)
-    return cache.replace(k=write(cache.k, new_k, cache.length), v=write(cache.v, new_v, cache.length))
+    b, t = new_k.shape[1], new_k.shape[2]
+    rows = jnp.arange(b)[:, None]
+    positions = cache.length[:, None] + jnp.arange(t)[None, :]
+    return cache.replace(
+        k=cache.k.at[:, rows, positions].set(new_k.astype(cache.k.dtype), mode="drop"),
+        v=cache.v.at[:, rows, positions].set(new_v.astype(cache.v.dtype), mode="drop"))
