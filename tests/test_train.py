@@ -14,7 +14,7 @@ from orthrus_jax.config import Qwen3Config
 from orthrus_jax.params import init_params, merge_params, split_params
 from train.config import load_config
 from train.data import DocSource, PackedRows, make_dataset, sample_anchors
-from train.step import LossOptions, block_targets, cosine_schedule, make_optimizer, make_train_step
+from train.step import LossOptions, block_targets, make_optimizer, make_train_step
 
 K = 4
 TINY = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=4,
@@ -131,12 +131,12 @@ def test_step_updates_only_trainable(tiny_setup):
     backbone, trainable = split_params(params)
     trainable = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), trainable)
     before = jax.tree_util.tree_map(np.asarray, backbone)
-    opt = make_optimizer(cosine_schedule(1e-2, 10))
+    opt = make_optimizer()
     opt_state = opt.init(trainable)
     step = jax.jit(make_train_step(TINY, LossOptions(K, jnp.float32, True, 2), opt))
     batch = next(iter(make_dataset(tiny_setup["data_dir"], 32, 4, K, 2, 0, 1).to_iter_dataset()))
     batch = {k: jnp.asarray(v)[None] for k, v in batch.items()}
-    new_tr, new_state, m = step(trainable, opt_state, backbone, batch)
+    new_tr, new_state, m = step(trainable, opt_state, backbone, batch, jnp.float32(1e-2))
     assert np.isfinite(float(m["loss"])) and float(m["loss"]) > 0
     for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(backbone)):
         np.testing.assert_array_equal(a, np.asarray(b))          # frozen: bit-identical
@@ -148,6 +148,7 @@ def test_step_updates_only_trainable(tiny_setup):
     n_state = sum(x.size for x in jax.tree_util.tree_leaves(new_state) if x.ndim > 0)
     assert n_state == 2 * n_train
     paths = {jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(new_state) if x.ndim}
+    assert len(paths) == 2 * len(jax.tree_util.tree_leaves(trainable))
     assert all("_diff" in p for p in paths)
 
 

@@ -51,6 +51,7 @@ class TrainConfig:
     export_dtype: str = "bfloat16"      # dtype of exported model dirs
     export_at_minutes: str = ""         # e.g. "25": export model-25min after 25 min of training
     time_limit_s: float = 0.0           # > 0: stop (save + export) after this much training time
+    schedule_by_time: bool = False      # with time_limit_s: the cosine follows elapsed time
 
     @property
     def micro_batch(self) -> int:

@@ -28,7 +28,7 @@ from orthrus_jax.params import merge_params, split_params
 from train.config import TrainConfig, load_config
 from train.data import PackedRows, DocSource, make_dataset
 from train.make_data import load_any_model
-from train.step import LossOptions, cosine_schedule, make_optimizer, make_train_step
+from train.step import LossOptions, cosine_lr, make_optimizer, make_train_step
 
 
 class NonFiniteLoss(RuntimeError):
@@ -77,9 +77,17 @@ def build(cfg: TrainConfig) -> Trainer:
     data_epochs = math.ceil(total / batches_per_epoch) + 1
     dataset = make_dataset(cfg.data_dir, cfg.seq_len, cfg.anchors_per_row, cfg.block_size,
                            rows_local, cfg.seed, data_epochs, jax.process_index(), pc)
-    schedule = cosine_schedule(cfg.learning_rate, cfg.schedule_steps or total, cfg.warmup_frac,
-                               cfg.lr_floor)
-    optimizer = make_optimizer(schedule, cfg.b1, cfg.b2, cfg.weight_decay, cfg.clip_norm)
+    horizon = cfg.schedule_steps or total
+
+    def schedule(step: int, elapsed_s: float = 0.0) -> float:
+        """LR for update `step` (0-based): by steps, or by wall clock when time_limit_s is set
+        (whichever is further along), so a time-boxed run still decays to its floor."""
+        progress = (step + 1) / horizon
+        if cfg.time_limit_s and cfg.schedule_by_time:
+            progress = max(progress, elapsed_s / cfg.time_limit_s)
+        return cosine_lr(cfg.learning_rate, progress, cfg.warmup_frac, cfg.lr_floor)
+
+    optimizer = make_optimizer(cfg.b1, cfg.b2, cfg.weight_decay, cfg.clip_norm)
     opt_state = jax.jit(optimizer.init)(trainable)
     opt_state = jax.device_put(opt_state, shd.state_shardings(opt_state, trainable, mesh))
     opts = LossOptions(cfg.block_size, dt, cfg.remat, cfg.anchor_chunks)
@@ -156,8 +164,10 @@ def train(cfg: TrainConfig) -> dict:
     tr = build(cfg)
     step, data_state = restore(tr)
     it = iter(tr.dataset.to_iter_dataset())
+    elapsed0 = 0.0
     if data_state is not None:
-        it.set_state(data_state)
+        it.set_state(data_state["iterator"])
+        elapsed0 = float(data_state.get("elapsed_s", 0.0))
     log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     png_path = os.path.join(cfg.out_dir, "training.png")
     export_minutes = sorted(float(x) for x in str(cfg.export_at_minutes).split(",") if x.strip())
@@ -169,20 +179,19 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=tr.total_steps, initial=step, desc="train", unit="step", disable=not is_main)
     train_time, summary = 0.0, {}
     last_saved = step
-    elapsed0 = 0.0
     if os.path.exists(log_path) and step > 0:  # keep the log consistent with the checkpoint
         kept = [l for l in open(log_path) if l.strip() and json.loads(l)["step"] <= step]
         with open(log_path, "w") as f:
             f.writelines(kept)
-        if kept:
-            elapsed0 = json.loads(kept[-1]).get("elapsed_s", 0.0)
     with jax.set_mesh(tr.mesh):
         while step < tr.total_steps:
             host = next(it)
             host = {k: v.reshape(accum, rows_local, *v.shape[1:]) for k, v in host.items()}
             batch = shd.put_batch(host, tr.mesh)
+            lr = tr.schedule(step, elapsed0 + train_time)
             t0 = time.time()
-            trainable, opt_state, metrics = tr.step_fn(tr.trainable, tr.opt_state, tr.backbone, batch)
+            trainable, opt_state, metrics = tr.step_fn(tr.trainable, tr.opt_state, tr.backbone,
+                                                       batch, jnp.float32(lr))
             metrics = jax.device_get(metrics)
             dt = time.time() - t0
             loss = float(metrics["loss"])
@@ -198,7 +207,7 @@ def train(cfg: TrainConfig) -> dict:
             record = {"step": step, "loss": loss, "accept_len": float(metrics["accept_len"]),
                       "agree": [round(float(a), 4) for a in metrics["agree"]],
                       "grad_norm": float(metrics["grad_norm"]), "targets": int(metrics["targets"]),
-                      "lr": float(tr.schedule(step - 1)), "step_s": dt,
+                      "lr": lr, "step_s": dt,
                       "tokens_per_s": tokens_per_step / dt, "elapsed_s": elapsed0 + train_time}
             summary = record
             if is_main:
@@ -210,7 +219,7 @@ def train(cfg: TrainConfig) -> dict:
                                 lr=f"{record['lr']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if cfg.plot_every and step % cfg.plot_every == 0:
                     plot_metrics(log_path, png_path)
-            state = it.get_state()
+            state = {"iterator": it.get_state(), "elapsed_s": elapsed0 + train_time}
             if step % cfg.save_every == 0 or step == tr.total_steps:
                 save(tr, step, state)
                 last_saved = step
@@ -226,7 +235,7 @@ def train(cfg: TrainConfig) -> dict:
                 break
     bar.close()
     if last_saved != step:
-        save(tr, step, it.get_state())
+        save(tr, step, {"iterator": it.get_state(), "elapsed_s": elapsed0 + train_time})
     if is_main:
         if os.path.exists(log_path):
             plot_metrics(log_path, png_path)

@@ -7,6 +7,7 @@ distribution at absolute position a+i; the last block position (K-1) has no targ
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -129,24 +130,34 @@ def row_loss_terms(trainable: Params, backbone: Params, cfg: Qwen3Config, batch:
     return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), outs)
 
 
-def make_optimizer(lr_schedule, b1: float = 0.9, b2: float = 0.95, weight_decay: float = 0.0,
+def make_optimizer(b1: float = 0.9, b2: float = 0.95, weight_decay: float = 0.0,
                    clip_norm: float = 1.0) -> optax.GradientTransformation:
+    """clip(global norm) -> AdamW whose learning rate is a state hyperparameter, set every step
+    by the caller (see cosine_lr), so the schedule can follow steps or wall-clock time."""
     return optax.chain(optax.clip_by_global_norm(clip_norm),
-                       optax.adamw(lr_schedule, b1=b1, b2=b2, weight_decay=weight_decay))
+                       optax.inject_hyperparams(optax.adamw)(learning_rate=0.0, b1=b1, b2=b2,
+                                                             weight_decay=weight_decay))
 
 
-def cosine_schedule(peak: float, total_steps: int, warmup_frac: float = 0.05,
-                    floor: float = 0.1) -> optax.Schedule:
-    """Linear warmup over warmup_frac of the steps, cosine to floor * peak; update n (0-based)
-    uses the value at n + 1, so the first update is not wasted at LR 0."""
-    warmup = max(1, int(round(warmup_frac * total_steps)))
-    base = optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(total_steps, warmup + 1),
-                                              end_value=peak * floor)
-    return lambda count: base(count + 1)
+def cosine_lr(peak: float, progress: float, warmup_frac: float = 0.05, floor: float = 0.1) -> float:
+    """LR at training progress in [0, 1]: linear warmup over warmup_frac, cosine to floor * peak."""
+    progress = min(max(progress, 0.0), 1.0)
+    if warmup_frac > 0 and progress < warmup_frac:
+        return peak * progress / warmup_frac
+    frac = (progress - warmup_frac) / max(1.0 - warmup_frac, 1e-9)
+    return peak * (floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * frac)))
+
+
+def set_lr(opt_state, lr):
+    """Write the learning rate into the inject_hyperparams state of make_optimizer's chain."""
+    clip_state, adam_state = opt_state
+    hp = dict(adam_state.hyperparams)
+    hp["learning_rate"] = jnp.asarray(lr, hp["learning_rate"].dtype)
+    return (clip_state, adam_state._replace(hyperparams=hp))
 
 
 def make_train_step(cfg: Qwen3Config, opts: LossOptions, optimizer: optax.GradientTransformation):
-    """step(trainable, opt_state, backbone, batch[accum, R, ...]) -> (trainable, opt_state, metrics).
+    """step(trainable, opt_state, backbone, batch[accum, R, ...], lr) -> (trainable, opt_state, metrics).
 
     Gradients (and so optimizer state) exist for the trainable tree only. The loss is the token
     mean over all supervised positions of the whole global batch (the accumulated micro-batches).
@@ -159,7 +170,8 @@ def make_train_step(cfg: Qwen3Config, opts: LossOptions, optimizer: optax.Gradie
         (_, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
         return grads, terms
 
-    def step(trainable, opt_state, backbone, batch):
+    def step(trainable, opt_state, backbone, batch, lr):
+        opt_state = set_lr(opt_state, lr)
         def acc(carry, mb):
             g_sum, t_sum = carry
             g, t = micro(trainable, backbone, mb)
