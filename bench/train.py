@@ -98,7 +98,7 @@ def from_shape(tcfg, shape: str) -> Bench:
     from orthrus_jax import sharding as shd
     from orthrus_jax.params import init_params, split_params
     from train.data import sample_anchors
-    from train.step import LossOptions, cosine_schedule, make_optimizer, make_train_step
+    from train.step import LossOptions, make_optimizer, make_train_step
 
     model_cfg = dataclasses.replace(SHAPES[shape], block_size=tcfg.block_size)
     mesh = shd.make_mesh(tcfg.mesh_data, tcfg.mesh_fsdp, tcfg.mesh_tensor)
@@ -110,8 +110,7 @@ def from_shape(tcfg, shape: str) -> Bench:
                               shd.param_shardings(backbone, mesh))
     trainable = jax.device_put(trainable, shd.param_shardings(trainable, mesh))
     del params
-    optimizer = make_optimizer(cosine_schedule(tcfg.learning_rate, 1000), tcfg.b1, tcfg.b2,
-                               tcfg.weight_decay, tcfg.clip_norm)
+    optimizer = make_optimizer(tcfg.b1, tcfg.b2, tcfg.weight_decay, tcfg.clip_norm)
     opt_state = jax.jit(optimizer.init)(trainable)
     opt_state = jax.device_put(opt_state, shd.state_shardings(opt_state, trainable, mesh))
     opts = LossOptions(tcfg.block_size, dt, tcfg.remat, tcfg.anchor_chunks)
@@ -147,7 +146,8 @@ def time_steps(b: Bench, tcfg, warmup: int, steps: int) -> dict[str, Any]:
             batch = jax.block_until_ready(shd.put_batch(host, b.mesh))
 
             def one():
-                tr, opt, metrics = b.step_fn(b.trainable, b.opt_state, b.backbone, batch)
+                tr, opt, metrics = b.step_fn(b.trainable, b.opt_state, b.backbone, batch,
+                                             np.float32(tcfg.learning_rate))
                 jax.block_until_ready((tr, opt))
                 return tr, opt, jax.device_get(metrics)
 
