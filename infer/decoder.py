@@ -53,7 +53,7 @@ class DecodeSpec:
     cfg: Qwen3Config
     mode: str = "orthrus"
     block_size: int = 32
-    max_new_tokens: int = 256  # output buffer length; per-row limits may be smaller
+    max_new_tokens: int = 256  # output buffer length (bucketed); per-row limits are traced
     greedy: bool = True
     top_k: int = 0  # sampling: static, 0 = off
     use_top_p: bool = False  # sampling: top_p < 1
@@ -288,6 +288,15 @@ def length_bucket(n: int) -> int:
         b *= 2
 
 
+def new_bucket(n: int) -> int:
+    """Output buffer length for max_new_tokens n: a power of two, at least 64 (the exact limit is
+    per row and traced, so nearby max_new_tokens values share compiled code)."""
+    b = 64
+    while b < n:
+        b *= 2
+    return b
+
+
 def batch_bucket(n: int, batch_size: int) -> int:
     """Smallest power of two >= n, capped at batch_size."""
     b = 1
@@ -315,7 +324,7 @@ def make_spec(cfg: Qwen3Config, *, mode: str = "orthrus", max_new_tokens: int = 
         raise GenerationError(f"top_k must be >= 0, got {top_k}")
     greedy = temperature == 0.0
     eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
-    return DecodeSpec(cfg=cfg, mode=mode, block_size=k, max_new_tokens=max(int(max_new_tokens), 1),
+    return DecodeSpec(cfg=cfg, mode=mode, block_size=k, max_new_tokens=new_bucket(max_new_tokens),
                       greedy=greedy, top_k=0 if greedy else int(top_k),
                       use_top_p=(not greedy) and top_p < 1.0,
                       eos_ids=tuple(int(e) for e in eos))
