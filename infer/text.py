@@ -57,6 +57,7 @@ def render_chat(model_dir: str, messages: list[dict[str, str]], *, enable_thinki
         raise ConfigError(f"{model_dir}: the tokenizer has no chat template (no chat_template in "
                           "tokenizer_config.json, no chat_template.jinja); run without --chat")
     import jinja2
+    import jinja2.ext
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     def raise_exception(message: str) -> None:

@@ -1,0 +1,99 @@
+"""python -m infer.generate: output formats, streaming, chat, and one-line errors (exit 2)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from infer import generate as cli
+from infer import text
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, micro_fp32, micro_model_dir):
+    from orthrus_jax.checkpoint import write_model_dir
+
+    cfg, params = micro_fp32
+    out = tmp_path_factory.mktemp("cli") / "model"
+    write_model_dir(str(out), cfg, params, str(micro_model_dir))
+    return str(out)
+
+
+def test_stream_text_and_stats(model_dir, capsys):
+    rc = cli.main(["--model", model_dir, "--prompt", "def fibonacci(n):", "--max-new-tokens",
+                   "20", "--block-size", "8"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    assert len(out.strip()) > 0
+    assert "[stats] mode=orthrus prompts=1 tokens=" in err and "tpf=" in err
+    assert "acceptance_length=" in err
+
+
+def test_json_batched_matches_api(model_dir, micro_fp32, tmp_path, capsys):
+    prompts = ["import os\n", "class Foo:\n    def", "x = 1\ny ="]
+    pf = tmp_path / "p.jsonl"
+    pf.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    rc = cli.main(["--model", model_dir, "--prompts-file", str(pf), "--json", "--max-new-tokens",
+                   "12", "--block-size", "8", "--batch-size", "2", "--mode", "ar"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    rows = [json.loads(line) for line in out.strip().splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    for r in rows:
+        assert set(r) == {"prompt", "text", "token_ids", "stats"}
+        assert set(r["stats"]) == {"tokens", "forward_passes", "tpf", "acceptance_length",
+                                   "tokens_per_s", "ttft_s"}
+        assert r["stats"]["tokens"] == len(r["token_ids"]) <= 12
+    from infer.decoder import generate
+
+    cfg, params = micro_fp32
+    tok = text.load_tokenizer(model_dir)
+    api = generate(params, cfg, [text.encode(tok, p) for p in prompts], mode="ar",
+                   max_new_tokens=12)
+    assert [r["token_ids"] for r in rows] == [a.token_ids for a in api]
+    assert rows[0]["text"] == text.decode(tok, api[0].token_ids)
+
+
+def test_chat_template_rendering(tmp_path):
+    tpl = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
+           "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+           "{% if enable_thinking is defined and enable_thinking is false %}"
+           "<think>\n\n</think>\n\n{% endif %}{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": tpl}))
+    msgs = [{"role": "user", "content": "hi"}]
+    assert text.render_chat(str(tmp_path), msgs) == (
+        "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    assert text.render_chat(str(tmp_path), msgs, enable_thinking=True).endswith(
+        "<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--prompt", "hi", "--chat"], "has no chat template"),
+    (["--prompt", ""], "prompt 0 is empty"),
+    (["--prompt", "word " * 80, "--max-len", "64"], "cache holds 64"),
+    (["--prompts-file", "/nonexistent.jsonl"], "prompts file not found"),
+])
+def test_errors_one_line(model_dir, capsys, args, message):
+    rc = cli.main(["--model", model_dir, *args])
+    _, err = capsys.readouterr()
+    assert rc == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_missing_model_dir_subprocess(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run([sys.executable, "-m", "infer.generate", "--model",
+                           str(tmp_path / "nope"), "--prompt", "hi"], capture_output=True,
+                          text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'nope'}: model directory does not exist"]
+
+
+def test_help_mentions_every_flag():
+    helptext = cli.build_parser().format_help()
+    for flag in ("--model", "--prompt", "--prompts-file", "--chat", "--max-new-tokens",
+                 "--temperature", "--top-k", "--top-p", "--seed", "--mode", "--block-size",
+                 "--batch-size", "--json", "--dtype"):
+        assert flag in helptext
