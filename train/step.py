@@ -82,7 +82,8 @@ def row_loss_terms(trainable: Params, backbone: Params, cfg: Qwen3Config, batch:
     anchors, anchor_valid = batch["anchors"], batch["anchor_valid"]
     nb = anchors.shape[1]
 
-    # 1. Frozen AR pass (teacher + every layer's K/V), no gradient.
+    # 1. Frozen AR pass (teacher + every layer's K/V), no gradient. Trainable masters are fp32,
+    # the compute copy is in compute dtype (frozen weights already are).
     cast_train = jax.tree_util.tree_map(lambda x: x.astype(dt), trainable)
     frozen = jax.lax.stop_gradient(merge_params(backbone, jax.lax.stop_gradient(cast_train)))
     hidden_ar, cache = ar_forward(frozen, cfg, tokens, init_cache(cfg, r, seq_len, dt), opts.remat)
@@ -106,10 +107,12 @@ def row_loss_terms(trainable: Params, backbone: Params, cfg: Qwen3Config, batch:
     xs = (split(block_tokens), split(tgt["positions"]), split(tgt["teacher_pos"]),
           split(tgt["valid"]), split(anchors))
 
+    # The trainable tree is closed over (a scan constant), not carried: a carry would be saved
+    # once per group for the backward pass.
+    params = merge_params(backbone, cast_train)
+
     def group(carry, x):
-        trainable_c = carry
         btok, pos, tpos, valid, anc = x
-        params = merge_params(backbone, jax.tree_util.tree_map(lambda w: w.astype(dt), trainable_c))
         h = diffusion_forward(params, cfg, btok, pos, prefix_k, prefix_v, anc, opts.remat)
         s_logits = lm_logits(params, h)                                           # [R, b, K, V]
         flat = tpos.reshape(r, -1)
@@ -126,7 +129,7 @@ def row_loss_terms(trainable: Params, backbone: Params, cfg: Qwen3Config, batch:
 
     if opts.remat:
         group = jax.checkpoint(group)
-    _, outs = jax.lax.scan(group, trainable, xs)
+    _, outs = jax.lax.scan(group, None, xs)
     return jax.tree_util.tree_map(lambda x: jnp.sum(x, axis=0), outs)
 
 
