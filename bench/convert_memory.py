@@ -3,14 +3,14 @@
     python -m bench.convert_memory --size 0.6B --workdir /tmp/convmem
 
 Writes sharded random safetensors (never allocating the whole model), converts them in a
-subprocess, prints peak RSS against the model's bytes, and deletes everything it wrote.
+subprocess that reports its own peak RSS (VmHWM), prints it against the model's bytes, and
+deletes everything it wrote.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -24,6 +24,10 @@ from convert.hf_params import write_safetensors_streaming
 SHAPES = {
     "0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
+    # small enough for a test: ~0.18 GB, largest leaf 32 MiB
+    "tiny": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=16,
+                 num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True,
+                 vocab_size=32768),
     "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
 }
@@ -32,7 +36,8 @@ SHAPES = {
 def write_random_model(size: str, hf_dir: str, n_shards: int = 2) -> int:
     hf = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "vocab_size": 151936,
           "head_dim": 128, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "eos_token_id": 151645,
-          "mask_token_id": 151669, **SHAPES[size]}
+          **SHAPES[size]}
+    hf["mask_token_id"] = hf["vocab_size"] - 1
     d, f, hd = hf["hidden_size"], hf["intermediate_size"], 128
     q, kv = hf["num_attention_heads"] * hd, hf["num_key_value_heads"] * hd
     shapes = {"model.embed_tokens.weight": (hf["vocab_size"], d), "model.norm.weight": (d,)}
@@ -65,6 +70,34 @@ def write_random_model(size: str, hf_dir: str, n_shards: int = 2) -> int:
     return sum(int(np.prod(s)) * 2 for s in shapes.values())
 
 
+# The child reports its own high-water RSS (VmHWM). Not the parent's RUSAGE_CHILDREN: a child
+# made by (v)fork starts with the parent's RSS on the books, which counts into its ru_maxrss.
+_CHILD = """
+import atexit, runpy, sys
+def report():
+    hwm = [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")][0]
+    print("VmHWM_KiB", hwm, flush=True)
+atexit.register(report)
+sys.argv = ["convert.hf_to_orbax", *sys.argv[1:]]
+runpy.run_module("convert.hf_to_orbax", run_name="__main__", alter_sys=True)
+"""
+
+
+def baseline_rss() -> int:
+    """Peak RSS in bytes of a process that only imports the converter and starts JAX."""
+    code = ("import jax.numpy as jnp, convert.hf_to_orbax, convert.hf_params, "
+            "orthrus_jax.checkpoint; jnp.zeros(1).block_until_ready()\n" + _CHILD.split("sys.argv")[0])
+    got = subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.PIPE, text=True)
+    return int(got.stdout.split("VmHWM_KiB")[-1].split()[0]) * 1024
+
+
+def converter_peak_rss(hf_dir: str, out: str, *extra: str) -> int:
+    """Peak RSS in bytes of `python -m convert.hf_to_orbax` converting hf_dir into out."""
+    got = subprocess.run([sys.executable, "-c", _CHILD, "--hf-dir", hf_dir, "--out", out,
+                          "--quiet", *extra], check=True, stdout=subprocess.PIPE, text=True)
+    return int(got.stdout.split("VmHWM_KiB")[-1].split()[0]) * 1024
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SHAPES), default="0.6B", help="Qwen3 shape")
@@ -75,12 +108,13 @@ def main() -> int:
     try:
         model_bytes = write_random_model(args.size, hf_dir)
         t0 = time.time()
-        subprocess.run([sys.executable, "-m", "convert.hf_to_orbax", "--hf-dir", hf_dir,
-                        "--out", out, "--quiet"], check=True)
+        peak = converter_peak_rss(hf_dir, out)
         secs = time.time() - t0
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+        base = baseline_rss()
         print(f"size={args.size} model_bytes={model_bytes / 2**30:.3f}GiB "
-              f"peak_rss={peak / 2**30:.3f}GiB ratio={peak / model_bytes:.2f} seconds={secs:.0f}")
+              f"peak_rss={peak / 2**30:.3f}GiB ratio={peak / model_bytes:.2f} seconds={secs:.0f} "
+              f"baseline_rss={base / 2**30:.3f}GiB "
+              f"(peak-baseline)/model={(peak - base) / model_bytes:.2f}")
     finally:
         shutil.rmtree(args.workdir, ignore_errors=True)
     return 0

@@ -1,13 +1,16 @@
 """HF Qwen3 / Orthrus-Qwen3 safetensors <-> our parameter tree, through the one key table.
 
 Reading goes one tensor at a time (safetensors `framework="np"`, bf16 through ml_dtypes, no torch):
-each stacked [layers, ...] leaf is preallocated once and filled layer by layer, so peak memory
-stays near one copy of the model. Writing streams one tensor at a time into safetensors shards.
+each stacked [layers, ...] leaf is allocated once, filled layer by layer in row chunks (unmapping
+the file after each chunk), and handed on before the next leaf exists, so a consumer that writes
+and drops each leaf needs about one leaf of memory. Writing streams one tensor at a time into
+safetensors shards, leaf-major, so it too needs one leaf at a time.
 Every HF key must be used and every leaf filled; anything else is a ConversionError that names
 the file and the tensor.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any, Callable, Iterable, Iterator
@@ -20,7 +23,7 @@ from safetensors import safe_open
 
 from orthrus_jax.config import Qwen3Config, load_config
 from orthrus_jax.params import (
-    DIFF_KEYS, DIFF_SOURCE, LAYER_KEYS, TOP_KEYS, Params, layer_shapes, top_shapes,
+    DIFF_KEYS, DIFF_SOURCE, LAYER_KEYS, TOP_KEYS, Params, iter_leaves, layer_shapes, top_shapes,
 )
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -82,6 +85,11 @@ class HFCheckpoint:
             self._handles[path] = handle
         return self._handles[path]
 
+    def release(self) -> None:
+        """Close the open files. safetensors memory-maps them, and every page read stays in this
+        process's RSS until unmapped (reopening costs one header parse)."""
+        self._handles.clear()
+
     def keys(self) -> set[str]:
         return set(self.key_file)
 
@@ -95,8 +103,7 @@ class HFCheckpoint:
         """Fill out (our layout) from tensor key, row chunks at a time (casting if needed)."""
         path = self.key_file[key]
         try:
-            sl = self._open(path).get_slice(key)
-            shape = tuple(sl.get_shape())
+            shape = self.shape(key)
             want = tuple(reversed(out.shape)) if transposed else out.shape
             if shape != want:
                 raise ConversionError(f"{path}: tensor {key} has shape {list(shape)}, the config "
@@ -104,7 +111,10 @@ class HFCheckpoint:
             n = shape[0] if shape else 1
             for r0 in range(0, n, rows_per_chunk):
                 r1 = min(n, r0 + rows_per_chunk)
+                sl = self._open(path).get_slice(key)
                 chunk = sl[r0:r1] if shape else sl[...]
+                del sl
+                self.release()  # unmap: the pages just read would otherwise stay in our RSS
                 if transposed:
                     out[:, r0:r1] = chunk.T
                 elif shape:
@@ -146,12 +156,15 @@ def _plan(cfg: Qwen3Config, ckpt: HFCheckpoint) -> tuple[dict[str, list[tuple[st
 
 
 def iter_hf_leaves(hf_dir: str, dtype: Any = "bf16", progress: Callable[[int], None] | None = None,
-                   chunk_bytes: int = 64 << 20) -> tuple[Qwen3Config, Iterator[tuple[str, np.ndarray]]]:
+                   chunk_bytes: int = 64 << 20, copy_diff: bool = False,
+                   ) -> tuple[Qwen3Config, Iterator[tuple[str, np.ndarray]]]:
     """(config, iterator of (leaf path 'embed' or 'layers/q_proj', numpy leaf)).
 
     Leaves come one at a time so a caller can hand each on (to the device, to Orbax) before the
-    next is allocated. _diff leaves absent from the checkpoint are not yielded (copy them).
-    progress(n) is called after every n tensors read.
+    next is allocated; the iterator drops its own reference before allocating the next leaf.
+    _diff leaves absent from the checkpoint are not yielded, unless copy_diff: then each comes
+    right after its AR leaf, as the same array (no copy). progress(n) is called after every n
+    tensors read.
     """
     cfg = load_config(hf_dir)
     np_dtype = _np_dtype(dtype)
@@ -171,6 +184,11 @@ def iter_hf_leaves(hf_dir: str, dtype: Any = "bf16", progress: Callable[[int], N
                 if progress:
                     progress(1)
             yield name, out
+            if copy_diff and name.startswith("layers/"):
+                for twin, source in DIFF_SOURCE.items():
+                    if source == name[len("layers/"):] and "layers/" + twin not in plan:
+                        yield "layers/" + twin, out
+            del out, slots  # before the next leaf is allocated
 
     return cfg, leaves()
 
@@ -205,27 +223,42 @@ def read_hf_params(hf_dir: str, dtype: Any = jnp.float32) -> tuple[Qwen3Config, 
 # Writing HF safetensors, one tensor at a time.
 
 
-def hf_tensors(cfg: Qwen3Config, params: Params) -> list[tuple[str, Callable[[], np.ndarray], tuple[int, ...], np.dtype]]:
-    """(HF key, thunk giving the [out, in] numpy tensor, HF shape, dtype) for the whole tree."""
-    out = []
+def hf_tensor_plan(cfg: Qwen3Config, specs: dict[str, Any], get_leaf: Callable[[str], Any],
+                   ) -> list[tuple[str, Callable[[], np.ndarray], tuple[int, ...], np.dtype]]:
+    """(HF key, thunk giving the [out, in] numpy tensor, HF shape, dtype), leaf-major.
 
-    def add(key: str, leaf: Any, index: int | None, transposed: bool) -> None:
-        shape = tuple(leaf.shape[1:] if index is not None else leaf.shape)
+    specs maps leaf names ('embed', 'layers/q_proj', in the order given) to anything with .shape
+    and .dtype; get_leaf(name) returns the leaf. All tensors of a leaf come together (every layer
+    of q_proj, then k_proj, ...), so a writer that walks the list needs one leaf at a time.
+    """
+    hf_names = {**TOP_KEYS, **{f"layers/{k}": v for k, v in LAYER_KEYS.items()}}
+    out = []
+    for name, spec in specs.items():
+        hf_name, transposed = hf_names[name]
+        dtype = np.dtype(spec.dtype)
+        stacked = name.startswith("layers/")
+        shape = tuple(spec.shape[1:] if stacked else spec.shape)
         hf_shape = tuple(reversed(shape)) if transposed else shape
 
-        def thunk(leaf=leaf, index=index, transposed=transposed) -> np.ndarray:
+        def thunk(name=name, index=None, transposed=transposed) -> np.ndarray:
+            leaf = get_leaf(name)
             arr = np.asarray(leaf[index] if index is not None else leaf)
             return np.ascontiguousarray(arr.T if transposed else arr)
 
-        out.append((key, thunk, hf_shape, np.dtype(leaf.dtype)))
-
-    for name, (hf_name, transposed) in TOP_KEYS.items():
-        if name in params:
-            add(hf_name, params[name], None, transposed)
-    for i in range(cfg.num_layers):
-        for name, (hf_name, transposed) in LAYER_KEYS.items():
-            add(f"model.layers.{i}.{hf_name}", params["layers"][name], i, transposed)
+        if stacked:
+            for i in range(cfg.num_layers):
+                out.append((f"model.layers.{i}.{hf_name}", functools.partial(thunk, index=i),
+                            hf_shape, dtype))
+        else:
+            out.append((hf_name, thunk, hf_shape, dtype))
     return out
+
+
+def hf_tensors(cfg: Qwen3Config, params: Params,
+               ) -> list[tuple[str, Callable[[], np.ndarray], tuple[int, ...], np.dtype]]:
+    """hf_tensor_plan for a whole in-memory tree."""
+    leaves = dict(iter_leaves(params))
+    return hf_tensor_plan(cfg, leaves, leaves.__getitem__)
 
 
 def write_safetensors_streaming(path: str, tensors: list, metadata: dict[str, str] | None = None,
@@ -253,11 +286,12 @@ def write_safetensors_streaming(path: str, tensors: list, metadata: dict[str, st
                 progress(1)
 
 
-def write_hf_safetensors(out_dir: str, cfg: Qwen3Config, params: Params,
+def write_hf_safetensors(out_dir: str, cfg: Qwen3Config, params: Params | list,
                          max_shard_bytes: int = 5 << 30,
                          progress: Callable[[int], None] | None = None) -> list[str]:
-    """Write params as HF safetensors (one file, or shards + index). Returns the file names."""
-    tensors = hf_tensors(cfg, params)
+    """Write params (a tree, or an hf_tensor_plan list) as HF safetensors (one file, or shards +
+    index), tensors in list order. Returns the file names."""
+    tensors = params if isinstance(params, list) else hf_tensors(cfg, params)
     shards: list[list] = [[]]
     size = 0
     for t in tensors:

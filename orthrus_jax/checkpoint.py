@@ -3,7 +3,16 @@
 MODEL_DIR/
   config.json            HF Qwen3 config in Orthrus form (block_size, mask_token_id)
   tokenizer.json, tokenizer_config.json, generation_config.json (copied when present)
-  params/                Orbax checkpoint of the full parameter tree (backbone + _diff twins)
+  params/
+    leaves.json          {"format": ..., "dtype": ..., "leaves": {leaf: {"dir", "shape"}}}
+    embed/, final_norm/, [lm_head/], layers.q_proj/, ..., layers.k_norm_diff/
+                         one Orbax (StandardCheckpointer) checkpoint per parameter leaf,
+                         holding the tree {leaf dir name: array}
+
+One Orbax item per leaf lets writers and readers stream: the converter reads a stacked leaf from
+safetensors, saves it and frees it before reading the next, so peak memory is about one leaf
+(plus Orbax's host copy of it), not the whole model; load_model restores (and casts) one leaf at
+a time. Leaf names are paths in the parameter tree: "embed", "layers/q_proj".
 
 Every writer builds the directory beside its target and renames it into place at the end, so
 a failed or interrupted write leaves nothing behind.
@@ -11,22 +20,26 @@ a failed or interrupted write leaves nothing behind.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from orthrus_jax.config import ConfigError, Qwen3Config, load_config
-from orthrus_jax.params import Params, param_shapes
+from orthrus_jax.params import Params, assemble_leaves, iter_leaves, param_shapes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
                    "special_tokens_map.json", "vocab.json", "merges.txt", "chat_template.jinja")
 PARAMS_SUBDIR = "params"
+LEAF_INDEX = "leaves.json"
+FORMAT = "orthrus-jax/orbax-per-leaf/1"
 
 
 @contextlib.contextmanager
@@ -64,33 +77,171 @@ def copy_tokenizer_files(src_dir: str, dst_dir: str) -> None:
             shutil.copyfile(src, os.path.join(dst_dir, name))  # not copy2: keep files writable
 
 
-def write_model_dir(out_dir: str, cfg: Qwen3Config, params: Params, tokenizer_dir: str,
-                    overwrite: bool = False, extra_config: dict[str, Any] | None = None) -> None:
-    """Write a complete model directory atomically."""
-    dtype = jax.tree_util.tree_leaves(params)[0].dtype
+def leaf_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
+    """Leaf name ('embed', 'layers/q_proj') -> shape, in the order leaves are written."""
+    tree = param_shapes(cfg)
+    out = {k: v.shape for k, v in tree.items() if k != "layers"}
+    out.update({f"layers/{k}": v.shape for k, v in tree["layers"].items()})
+    return out
+
+
+def _leaf_dir(name: str) -> str:
+    return name.replace("/", ".")
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by tensorstore's write/read buffers back to the OS (glibc malloc_trim).
+
+    glibc keeps freed heap memory in its per-thread arenas; after each leaf that amounts to a
+    few tenths of the leaf, and it piles up across leaves. A no-op where glibc is not the libc.
+    """
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM: Any = None
+
+
+def _leaf_writer() -> ocp.Checkpointer:
+    """A synchronous PyTree checkpointer (the format StandardCheckpointer reads) whose numpy
+    handler does not deep-copy: the default copies every host array before writing."""
+    registry = ocp.type_handlers.create_type_handler_registry(
+        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
+        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
+    )
+    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+
+
+def write_model_dir_streaming(out_dir: str, cfg: Qwen3Config, leaves: Iterable[tuple[str, Any]],
+                              tokenizer_dir: str, overwrite: bool = False,
+                              extra_config: dict[str, Any] | None = None) -> None:
+    """Write a complete model directory atomically from a stream of (leaf name, array).
+
+    Each leaf is saved (and Orbax's host copy released) before the next is drawn from the
+    iterator, so a lazy iterator keeps at most one leaf alive. Every leaf of the config must come
+    exactly once, with its shape and one common dtype. The same array may come under two names
+    (a _diff twin aliasing its AR weight): it is written twice.
+    """
+    expected = leaf_shapes(cfg)
     with atomic_directory(out_dir, overwrite) as tmp:
-        hf = cfg.to_hf_dict(orthrus=True, dtype=jnp.dtype(dtype).name)
+        params_dir = os.path.join(tmp, PARAMS_SUBDIR)
+        os.makedirs(params_dir)
+        index: dict[str, Any] = {}
+        dtype = None
+        with _leaf_writer() as checkpointer:
+            for name, arr in leaves:
+                if name not in expected:
+                    raise ValueError(f"unknown parameter leaf {name!r}")
+                if name in index:
+                    raise ValueError(f"parameter leaf {name!r} given twice")
+                if tuple(arr.shape) != tuple(expected[name]):
+                    raise ValueError(f"parameter leaf {name!r} has shape {list(arr.shape)}, the "
+                                     f"config needs {list(expected[name])}")
+                leaf_dtype = jnp.dtype(arr.dtype).name
+                if dtype is None:
+                    dtype = leaf_dtype
+                elif leaf_dtype != dtype:
+                    raise ValueError(f"parameter leaf {name!r} is {leaf_dtype}, others {dtype}")
+                sub = _leaf_dir(name)
+                checkpointer.save(os.path.join(params_dir, sub), args=ocp.args.PyTreeSave({sub: arr}))
+                index[name] = {"dir": sub, "shape": list(arr.shape)}
+                del arr  # before the iterator makes the next leaf
+                release_freed_memory()
+        missing = [n for n in expected if n not in index]
+        if missing:
+            raise ValueError(f"parameter leaf {missing[0]!r} missing ({len(missing)} in all)")
+        with open(os.path.join(params_dir, LEAF_INDEX), "w") as f:  # one line per leaf
+            rows = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in index.items())
+            f.write(f'{{"format": "{FORMAT}", "dtype": "{dtype}", "leaves": {{\n{rows}\n}}}}\n')
+        hf = cfg.to_hf_dict(orthrus=True, dtype=dtype)
         hf.update(extra_config or {})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
         copy_tokenizer_files(tokenizer_dir, tmp)
-        with ocp.StandardCheckpointer() as checkpointer:
-            checkpointer.save(os.path.join(tmp, PARAMS_SUBDIR), params)
-            checkpointer.wait_until_finished()
 
 
-def load_model(model_dir: str, dtype: Any = None) -> tuple[Qwen3Config, Params]:
-    """(config, params) from a model directory; dtype casts (None keeps the stored dtype)."""
-    cfg = load_config(model_dir)
+def write_model_dir(out_dir: str, cfg: Qwen3Config, params: Params, tokenizer_dir: str,
+                    overwrite: bool = False, extra_config: dict[str, Any] | None = None) -> None:
+    """Write a complete model directory atomically (leaf by leaf, see write_model_dir_streaming)."""
+    write_model_dir_streaming(out_dir, cfg, iter_leaves(params), tokenizer_dir, overwrite,
+                              extra_config)
+
+
+def _params_path(model_dir: str) -> str:
     path = os.path.abspath(os.path.join(model_dir, PARAMS_SUBDIR))
     if not os.path.isdir(path):
         raise ConfigError(f"{path}: no Orbax parameter checkpoint (write one with python -m "
                           "convert.hf_to_orbax)")
-    with ocp.StandardCheckpointer() as checkpointer:
-        stored = checkpointer.metadata(path)
+    return path
+
+
+def _read_index(path: str) -> dict[str, Any] | None:
+    """The leaf index, or None for the older single-tree layout (params/ is one Orbax tree)."""
+    index_path = os.path.join(path, LEAF_INDEX)
+    if not os.path.exists(index_path):
+        if os.path.exists(os.path.join(path, "_METADATA")):
+            return None
+        raise ConfigError(f"{path}: no {LEAF_INDEX} (incomplete model directory?)")
+    with open(index_path) as f:
+        index = json.load(f)
+    if index.get("format") != FORMAT:
+        raise ConfigError(f"{index_path}: unknown format {index.get('format')!r}, want {FORMAT}")
+    return index
+
+
+def model_leaf_specs(model_dir: str) -> tuple[Qwen3Config, dict[str, jax.ShapeDtypeStruct]]:
+    """(config, leaf name -> stored shape and dtype), without reading any array."""
+    cfg = load_config(model_dir)
+    path = _params_path(model_dir)
+    index = _read_index(path)
+    if index is None:
+        with ocp.StandardCheckpointer() as checkpointer:
+            stored = checkpointer.metadata(path)
         stored_tree = getattr(stored, "item_metadata", stored)
-        stored_dtype = jax.tree_util.tree_leaves(stored_tree)[0].dtype
-        params = checkpointer.restore(path, param_shapes(cfg, stored_dtype))
-    if dtype is not None:
-        params = jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
-    return cfg, params
+        dtype = jax.tree_util.tree_leaves(stored_tree)[0].dtype
+    else:
+        dtype = jnp.dtype(index["dtype"])
+    return cfg, {k: jax.ShapeDtypeStruct(s, dtype) for k, s in leaf_shapes(cfg).items()}
+
+
+def iter_model_leaves(model_dir: str, dtype: Any = None,
+                      shardings: dict[str, Any] | None = None) -> Iterator[tuple[str, jax.Array]]:
+    """(leaf name, array) one leaf at a time, in leaf_shapes order; dtype casts each leaf as it
+    is read (None keeps the stored dtype); shardings (leaf name -> jax.sharding.Sharding)
+    places leaves at restore time."""
+    cfg, specs = model_leaf_specs(model_dir)
+    path = _params_path(model_dir)
+    index = _read_index(path)
+    shardings = shardings or {}
+    cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
+    if index is None:  # older single-tree layout: restore the whole tree, then hand it out
+        with ocp.StandardCheckpointer() as checkpointer:
+            stored = dict(iter_leaves(checkpointer.restore(path, assemble_leaves(specs.items()))))
+        for name in specs:
+            yield name, cast(stored.pop(name))
+        return
+    with ocp.StandardCheckpointer() as checkpointer:
+        for name, spec in specs.items():
+            if name not in index["leaves"]:
+                raise ConfigError(f"{path}/{LEAF_INDEX}: no parameter leaf {name!r}")
+            sub = index["leaves"][name]["dir"]
+            target = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=shardings.get(name))
+            arr = cast(checkpointer.restore(os.path.join(path, sub), {sub: target})[sub])
+            release_freed_memory()
+            yield name, arr
+            del arr
+
+
+def load_model(model_dir: str, dtype: Any = None) -> tuple[Qwen3Config, Params]:
+    """(config, params) from a model directory; dtype casts (None keeps the stored dtype).
+
+    Leaves are restored and cast one at a time, so peak memory is the result plus one leaf.
+    """
+    cfg = load_config(model_dir)
+    return cfg, assemble_leaves(iter_model_leaves(model_dir, dtype))

@@ -4,7 +4,7 @@ Layer weights are stacked over a leading layer axis and stored [in, out] (HF sto
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +74,26 @@ def param_shapes(cfg: Qwen3Config, dtype: Any = jnp.bfloat16) -> Params:
     tree["layers"] = {k: jax.ShapeDtypeStruct((cfg.num_layers, *s), dtype)
                       for k, s in layer_shapes(cfg).items()}
     return tree
+
+
+def iter_leaves(params: Params) -> Iterator[tuple[str, Any]]:
+    """(leaf name 'embed' or 'layers/q_proj', array) for a parameter tree, top level first."""
+    for k, v in params.items():
+        if k != "layers":
+            yield k, v
+    for k, v in params["layers"].items():
+        yield f"layers/{k}", v
+
+
+def assemble_leaves(leaves: Iterable[tuple[str, Any]]) -> Params:
+    """Inverse of iter_leaves."""
+    params: Params = {"layers": {}}
+    for name, arr in leaves:
+        if name.startswith("layers/"):
+            params["layers"][name[len("layers/"):]] = arr
+        else:
+            params[name] = arr
+    return params
 
 
 def hf_shape(shape: tuple[int, ...], transposed: bool) -> tuple[int, ...]:
