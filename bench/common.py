@@ -84,6 +84,20 @@ def result_path(out_dir: str, kind: str, file_stamp: str, ext: str) -> str:
     return os.path.join(out_dir, f"{kind}-{file_stamp}.{ext}")
 
 
+def write_record(out_dir: str, kind: str, record: dict[str, Any],
+                 markdown: Callable[[dict[str, Any]], str], extra: tuple[str, ...] = ()) -> dict[str, str]:
+    """Write RECORD as KIND-STAMP.json and its markdown table as KIND-STAMP.md; returns the paths
+    (also stored in record["files"]), with a path reserved for each extra extension (e.g. png)."""
+    files = {"json": result_path(out_dir, kind, record["stamp"], "json"),
+             "markdown": result_path(out_dir, kind, record["stamp"], "md")}
+    files.update({ext: result_path(out_dir, kind, record["stamp"], ext) for ext in extra})
+    record["files"] = files
+    write_json(files["json"], record)
+    with open(files["markdown"], "w") as f:
+        f.write(markdown(record))
+    return files
+
+
 def write_json(path: str, record: dict[str, Any]) -> str:
     with open(path, "w") as f:
         json.dump(record, f, indent=2, default=_json_default)

@@ -339,14 +339,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  if args.temperature == 0 else None)
     record.update(runs=runs, ratios={str(b): r for b, r in rat.items()}, match=match,
                   all_outputs_match=all_match, targets=targets)
-    out = args.out_dir
-    jpath = common.result_path(out, "decode", record["stamp"], "json")
-    mpath = common.result_path(out, "decode", record["stamp"], "md")
-    ppath = common.result_path(out, "decode", record["stamp"], "png")
-    record["files"] = {"json": jpath, "markdown": mpath, "png": ppath}
-    common.write_json(jpath, record)
-    with open(mpath, "w") as f:
-        f.write(markdown(record))
+    files = common.write_record(args.out_dir, "decode", record, markdown, extra=("png",))
+    jpath, mpath, ppath = files["json"], files["markdown"], files["png"]
     m = record["machine"]
     device = m["backend"] if m["device_kind"] == m["backend"] else f"{m['backend']} {m['device_kind']}"
     plot(ppath, rows, batch_sizes, engines,

@@ -180,12 +180,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           flush=True)
     record["bandwidth"] = bw
     record["shapes"] = [bench_shape(s, args, bw["bandwidth_Bps"]) for s in shapes]
-    jpath = common.result_path(args.out_dir, "gpu", record["stamp"], "json")
-    mpath = common.result_path(args.out_dir, "gpu", record["stamp"], "md")
-    record["files"] = {"json": jpath, "markdown": mpath}
-    common.write_json(jpath, record)
-    with open(mpath, "w") as f:
-        f.write(markdown(record))
+    files = common.write_record(args.out_dir, "gpu", record, markdown)
+    jpath, mpath = files["json"], files["markdown"]
     print(f"wrote {jpath}, {mpath}")
     return record
 

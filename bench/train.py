@@ -217,12 +217,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   train_config=dataclasses.asdict(tcfg), timing=timing, flops_per_token=fl,
                   achieved_flops=achieved, peak_flops=peak,
                   mfu=None if peak is None else achieved / peak)
-    jpath = common.result_path(args.out_dir, "train", record["stamp"], "json")
-    mpath = common.result_path(args.out_dir, "train", record["stamp"], "md")
-    record["files"] = {"json": jpath, "markdown": mpath}
-    common.write_json(jpath, record)
-    with open(mpath, "w") as f:
-        f.write(markdown(record))
+    files = common.write_record(args.out_dir, "train", record, markdown)
+    jpath, mpath = files["json"], files["markdown"]
     mfu = "n/a (no accelerator peak)" if record["mfu"] is None else f"{100 * record['mfu']:.1f} %"
     print(f"train step {timing['step_s_median']:.3f} s median over {args.steps}, "
           f"{timing['tokens_per_s']:.0f} tokens/s, {fl['total'] / 1e9:.3g} GFLOP/token, "

@@ -23,7 +23,8 @@ from safetensors import safe_open
 
 from orthrus_jax.config import Qwen3Config, load_config
 from orthrus_jax.params import (
-    DIFF_KEYS, DIFF_SOURCE, LAYER_KEYS, TOP_KEYS, Params, iter_leaves, layer_shapes, top_shapes,
+    DIFF_KEYS, DIFF_SOURCE, LAYER_KEYS, TOP_KEYS, Params, assemble_leaves, iter_leaves,
+    layer_shapes, top_shapes,
 )
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -201,12 +202,7 @@ def count_hf_tensors(cfg: Qwen3Config, hf_dir: str) -> int:
 
 def assemble(cfg: Qwen3Config, leaves: Iterable[tuple[str, Any]]) -> Params:
     """Leaf stream -> full tree; missing _diff twins become the AR leaf (same array, no copy)."""
-    params: Params = {"layers": {}}
-    for name, arr in leaves:
-        if name.startswith("layers/"):
-            params["layers"][name[len("layers/"):]] = arr
-        else:
-            params[name] = arr
+    params = assemble_leaves(leaves)
     for name in DIFF_KEYS:
         params["layers"].setdefault(name, params["layers"][DIFF_SOURCE[name]])
     return params
