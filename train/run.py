@@ -138,18 +138,28 @@ def plot_metrics(log_path: str, png_path: str) -> None:
     rows = [json.loads(line) for line in open(log_path) if line.strip()]
     if not rows:
         return
-    steps = [r["step"] for r in rows]
+    steps = np.array([r["step"] for r in rows])
+    w = max(1, min(50, len(rows) // 10))
+
+    def smooth(x):
+        x = np.asarray(x, float)
+        return np.convolve(x, np.ones(w) / w, mode="valid")
+
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    axes[0].plot(steps, [r["loss"] for r in rows], lw=0.6)
-    axes[0].set(xlabel="step", ylabel="KL(p_AR || p_diff)", yscale="log", title="loss")
-    axes[1].plot(steps, [r["accept_len"] for r in rows], lw=0.6)
-    axes[1].set(xlabel="step", ylabel="sum_i prod_{j<=i} agree_j", title="estimated acceptance length")
-    last = rows[-min(len(rows), 50):]
-    first = rows[: min(len(rows), 50)]
-    for chunk, label in ((first, "first 50 steps"), (last, "last 50 steps")):
+    for ax, key, ylabel, title in ((axes[0], "loss", "KL(p_AR || p_diff)", "loss"),
+                                   (axes[1], "accept_len", "sum_i prod_{j<=i} agree_j",
+                                    "estimated acceptance length")):
+        vals = [r[key] for r in rows]
+        ax.plot(steps, vals, lw=0.4, alpha=0.3, color="C0")
+        ax.plot(steps[w - 1:], smooth(vals), lw=1.5, color="C0", label=f"mean of {w} steps")
+        ax.set(xlabel="step", ylabel=ylabel, title=title)
+        ax.legend()
+    axes[1].set_ylim(0, max(3.0, float(np.percentile([r["accept_len"] for r in rows], 99))))
+    first, last = rows[: min(len(rows), 100)], rows[-min(len(rows), 100):]
+    for chunk, label in ((first, f"first {len(first)} steps"), (last, f"last {len(last)} steps")):
         agree = np.mean([r["agree"] for r in chunk], axis=0)
-        axes[2].plot(np.arange(1, len(agree) + 1), agree, marker=".", label=label)
-    axes[2].set(xlabel="block position i (predicts x_{a+i+1})", ylabel="top-1 agreement",
+        axes[2].plot(np.arange(len(agree)), agree, marker=".", label=label)
+    axes[2].set(xlabel="block position i (predicts x_{a+i+1})", ylabel="top-1 agreement with AR",
                 title="per-position agreement", ylim=(0, 1))
     axes[2].legend()
     fig.tight_layout()
