@@ -1,6 +1,7 @@
 """Shared bench plumbing: machine description, timestamped result files, target checks, timing."""
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -8,7 +9,7 @@ import platform
 import shlex
 import sys
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -25,12 +26,14 @@ PEAK_BF16_FLOPS = {
 }
 
 
-def command_line() -> str:
-    """The exact command as typed, in its `python -m package.module` form when run that way."""
-    main = sys.modules.get("__main__")
-    spec = getattr(main, "__spec__", None)
-    head = ["python", "-m", spec.name] if spec is not None else ["python", sys.argv[0]]
-    return shlex.join(head + sys.argv[1:])
+def parse_with_command(parser: argparse.ArgumentParser,
+                       argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse argv (default: the process's) and keep the exact command, `prog` plus those
+    arguments, in args.command, so a record says how to rerun it even when called as a library."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    args.command = shlex.join([*shlex.split(parser.prog), *argv])
+    return args
 
 
 def machine_info() -> dict[str, Any]:
@@ -75,8 +78,9 @@ def stamp() -> tuple[str, str]:
 
 def header(kind: str, args: Any) -> dict[str, Any]:
     date, file_stamp = stamp()
-    return {"bench": kind, "date": date, "stamp": file_stamp, "command": command_line(),
-            "args": {k: v for k, v in vars(args).items()}, "machine": machine_info()}
+    return {"bench": kind, "date": date, "stamp": file_stamp, "command": args.command,
+            "args": {k: v for k, v in vars(args).items() if k != "command"},
+            "machine": machine_info()}
 
 
 def result_path(out_dir: str, kind: str, file_stamp: str, ext: str) -> str:

@@ -395,7 +395,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return run(build_parser().parse_args(argv))
+    return run(common.parse_with_command(build_parser(), argv))
 
 
 if __name__ == "__main__":

@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     try:
-        return run(build_parser().parse_args(argv))
+        return run(common.parse_with_command(build_parser(), argv))
     except NoGPU as err:
         print(err.code, file=sys.stderr)
         raise SystemExit(2) from None
