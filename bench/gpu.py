@@ -28,7 +28,7 @@ import numpy as np
 from bench import common
 from infer import decoder
 from orthrus_jax.config import Qwen3Config
-from orthrus_jax.params import DIFF_KEYS, count_params, init_params, param_shapes
+from orthrus_jax.params import DIFF_KEYS, count_params, init_params, param_shapes, param_summary
 
 SHAPES: dict[str, Qwen3Config] = {
     "qwen3-1.7b": Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
@@ -115,6 +115,7 @@ def bench_shape(name: str, args: argparse.Namespace, bw: float) -> dict[str, Any
     init = jax.jit(functools.partial(init_params, cfg, dtype=dtype))
     params = init(jax.random.PRNGKey(args.seed))
     jax.block_until_ready(params)
+    print(f"{name}: random weights, {param_summary(cfg)}", flush=True)
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(1, cfg.vocab_size - 1, args.prompt_len).tolist()
                for _ in range(args.batch_size)]
@@ -127,7 +128,8 @@ def bench_shape(name: str, args: argparse.Namespace, bw: float) -> dict[str, Any
     ar_floor = 1e3 * nbytes["ar_step"] / bw
     cyc_floor = 1e3 * nbytes["orthrus_cycle"] / bw
     ratio = orth["ms_per_step"] / ar["ms_per_step"]
-    rec = {"shape": name, "config": dataclasses.asdict(cfg), "block_size": k,
+    rec = {"shape": name, "config": dataclasses.asdict(cfg), "params": param_summary(cfg),
+           "block_size": k,
            "dtype": dtype.name, "batch_size": args.batch_size, "prompt_len": args.prompt_len,
            "new_tokens": args.new_tokens, "cache_len": cache_len, "bytes": nbytes,
            "ar": ar, "orthrus": orth,

@@ -19,6 +19,7 @@ from convert.errors import run_cli
 from convert.hf_params import DTYPES, count_hf_tensors, iter_hf_leaves
 from orthrus_jax.checkpoint import write_model_dir_streaming
 from orthrus_jax.config import load_config
+from orthrus_jax.params import param_summary
 
 
 def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = "bf16", overwrite: bool = False,
@@ -34,6 +35,8 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = "bf16", overwrit
         # peak memory is about one stacked leaf (plus Orbax's copy of it), not the model.
         cfg, leaves = iter_hf_leaves(hf_dir, dtype, progress=bar.update, copy_diff=True)
         write_model_dir_streaming(out_dir, cfg, leaves, tokenizer_dir=hf_dir, overwrite=overwrite)
+    if progress:
+        print(f"wrote {out_dir}; {param_summary(cfg)}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -145,11 +145,28 @@ def count_params(tree: Params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 
 
-def trainable_fraction(cfg: Qwen3Config) -> float:
-    """Trainable / total parameters, from shapes alone (15.6 % for Qwen3-8B)."""
+def param_counts(cfg: Qwen3Config) -> tuple[int, int]:
+    """(frozen backbone, trainable _diff) parameter counts, from shapes alone."""
     backbone, trainable = split_params(param_shapes(cfg))
-    n_train = count_params(trainable)
-    return n_train / (n_train + count_params(backbone))
+    return count_params(backbone), count_params(trainable)
+
+
+def trainable_fraction(cfg: Qwen3Config) -> float:
+    """Trainable / total parameters (15.6 % for Qwen3-8B)."""
+    n_frozen, n_train = param_counts(cfg)
+    return n_train / (n_frozen + n_train)
+
+
+def param_summary(cfg: Qwen3Config) -> str:
+    """One line: total, frozen backbone and trainable _diff parameter counts and the trainable
+    share (from shapes alone; "15.6 %" for Qwen3-8B, the paper's "16 %")."""
+    n_frozen, n_train = param_counts(cfg)
+    total = n_frozen + n_train
+
+    def fmt(n: int) -> str:
+        return f"{n / 1e9:.3f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+    return (f"parameters: {fmt(total)} = frozen backbone {fmt(n_frozen)} + trainable _diff "
+            f"{fmt(n_train)} ({100 * n_train / total:.1f} % trainable)")
 
 
 def cast_params(params: Params, dtype: Any) -> Params:

@@ -11,7 +11,9 @@ import pytest
 from orthrus_jax import ar_forward, diffusion_forward, lm_logits
 from orthrus_jax.cache import KVCache
 from orthrus_jax.config import ConfigError, Qwen3Config, load_config
-from orthrus_jax.params import DIFF_KEYS, count_params, param_shapes, split_params, trainable_fraction
+from orthrus_jax.params import (
+    DIFF_KEYS, count_params, param_shapes, param_summary, split_params, trainable_fraction,
+)
 
 QWEN3 = {  # the public Qwen3 config.json shape fields
     "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
@@ -38,6 +40,13 @@ def test_trainable_fraction_matches_method_table(size, base, diff, share):
     assert count_params(backbone) == pytest.approx(base, rel=1e-3)
     assert count_params(trainable) == pytest.approx(diff, rel=2e-3)
     assert round(trainable_fraction(cfg), 3) == share
+    assert f"({100 * share:.1f} % trainable)" in param_summary(cfg)
+
+
+def test_param_summary_line_for_qwen3_8b():
+    """The line that convert, train.run, train.memcheck and bench.gpu print: the paper's "16 %"."""
+    assert param_summary(qwen3_config("8B")) == (
+        "parameters: 9.701B = frozen backbone 8.191B + trainable _diff 1.510B (15.6 % trainable)")
 
 
 def test_trainable_tree_is_exactly_the_diff_twins():

@@ -208,6 +208,13 @@ def test_cli_subprocess_exit_code_and_help(tmp_path):
         assert res.returncode == 0 and all(f in res.stdout for f in flags), res.stdout
 
 
+def test_conversion_prints_parameter_split(micro_model_dir, tmp_path, capsys):
+    """Without --quiet the converter ends with the backbone / trainable _diff split."""
+    assert hf_to_orbax.main(["--hf-dir", str(micro_model_dir), "--out", str(tmp_path / "m")]) == 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"wrote {tmp_path / 'm'}; parameters: ") and "% trainable)" in err, err
+
+
 # --- the model directory format: one Orbax item per leaf, streamed both ways.
 
 

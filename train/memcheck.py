@@ -20,7 +20,7 @@ import json
 import jax
 import jax.numpy as jnp
 
-from orthrus_jax.params import param_shapes, split_params
+from orthrus_jax.params import param_shapes, param_summary, split_params
 from train.config import load_config
 from train.step import LossOptions, make_optimizer, make_train_step
 
@@ -81,6 +81,7 @@ def main(argv=None) -> None:
         raise SystemExit(f"run with XLA_FLAGS=--xla_force_host_platform_device_count={a.devices}")
     from bench.gpu import SHAPES
     tcfg = load_config(a.config, a.set)
+    print(param_summary(SHAPES[a.shape]))
     print(json.dumps(memcheck(tcfg, SHAPES[a.shape], a.rows, a.devices)))
 
 

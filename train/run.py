@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from orthrus_jax import sharding as shd
 from orthrus_jax.checkpoint import write_model_dir
-from orthrus_jax.params import merge_params, split_params
+from orthrus_jax.params import merge_params, param_summary, split_params
 from train.config import TrainConfig, load_config
 from train.data import PackedRows, DocSource, make_dataset
 from train.make_data import load_any_model
@@ -186,6 +186,8 @@ def train(cfg: TrainConfig) -> dict:
     accum, rows_local = cfg.grad_accum, cfg.global_batch // jax.process_count() // cfg.grad_accum
     tokens_per_step = cfg.global_batch * cfg.seq_len
     is_main = jax.process_index() == 0
+    if is_main:
+        print(param_summary(tr.model_cfg), flush=True)
     bar = tqdm(total=tr.total_steps, initial=step, desc="train", unit="step", disable=not is_main)
     train_time, summary = 0.0, {}
     last_saved = step
