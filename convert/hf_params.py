@@ -31,7 +31,9 @@ INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # Buffers some old checkpoints carry; recomputed from the config, so skipped on purpose.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32}
+DTYPES = {"bf16": ml_dtypes.bfloat16, "fp32": np.float32, "fp16": np.float16}
+AUTO_DTYPE = "auto"  # keep the checkpoint's dtype (that of its embedding table)
+_ST_NAMES = {"BF16": ml_dtypes.bfloat16, "F32": np.float32, "F16": np.float16}
 _ST_DTYPES = {np.dtype(ml_dtypes.bfloat16): "BF16", np.dtype(np.float32): "F32",
               np.dtype(np.float16): "F16"}
 
@@ -100,6 +102,15 @@ class HFCheckpoint:
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._open(self.key_file[key]).get_slice(key).get_shape())
 
+    def dtype(self, key: str) -> np.dtype:
+        """The stored dtype of tensor key."""
+        path = self.key_file[key]
+        name = self._open(path).get_slice(key).get_dtype()
+        if name not in _ST_NAMES:
+            raise ConversionError(f"{path}: tensor {key} has dtype {name}; supported: "
+                                  f"{', '.join(sorted(_ST_NAMES))}")
+        return np.dtype(_ST_NAMES[name])
+
     def read_into(self, key: str, out: np.ndarray, transposed: bool, rows_per_chunk: int) -> None:
         """Fill out (our layout) from tensor key, row chunks at a time (casting if needed)."""
         path = self.key_file[key]
@@ -156,10 +167,13 @@ def _plan(cfg: Qwen3Config, ckpt: HFCheckpoint) -> tuple[dict[str, list[tuple[st
     return plan, used
 
 
-def iter_hf_leaves(hf_dir: str, dtype: Any = "bf16", progress: Callable[[int], None] | None = None,
+def iter_hf_leaves(hf_dir: str, dtype: Any = AUTO_DTYPE, progress: Callable[[int], None] | None = None,
                    chunk_bytes: int = 64 << 20, copy_diff: bool = False,
                    ) -> tuple[Qwen3Config, Iterator[tuple[str, np.ndarray]]]:
     """(config, iterator of (leaf path 'embed' or 'layers/q_proj', numpy leaf)).
+
+    dtype: "auto" (the checkpoint's, read from its embedding table), a DTYPES name or a dtype;
+    every leaf is cast to it.
 
     Leaves come one at a time so a caller can hand each on (to the device, to Orbax) before the
     next is allocated; the iterator drops its own reference before allocating the next leaf.
@@ -168,9 +182,9 @@ def iter_hf_leaves(hf_dir: str, dtype: Any = "bf16", progress: Callable[[int], N
     tensors read.
     """
     cfg = load_config(hf_dir)
-    np_dtype = _np_dtype(dtype)
     ckpt = HFCheckpoint(hf_dir)
     plan, _ = _plan(cfg, ckpt)
+    np_dtype = ckpt.dtype(plan["embed"][0][0]) if dtype == AUTO_DTYPE else _np_dtype(dtype)
     shapes = {**top_shapes(cfg), **{"layers/" + k: (cfg.num_layers, *s)
                                     for k, s in layer_shapes(cfg).items()}}
 

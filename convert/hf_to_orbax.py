@@ -1,6 +1,6 @@
 """HF Qwen3 (or Orthrus-Qwen3) safetensors -> an orthrus-jax model directory (Orbax params).
 
-    python -m convert.hf_to_orbax --hf-dir DIR --out DIR [--dtype bf16|fp32]
+    python -m convert.hf_to_orbax --hf-dir DIR --out DIR [--dtype auto|bf16|fp16|fp32]
 
 Reads one tensor at a time into one stacked leaf, saves that leaf as its own Orbax item and frees
 it before the next, so peak memory is about one leaf plus Orbax's copy of it (well under one copy
@@ -16,13 +16,13 @@ import sys
 from tqdm import tqdm
 
 from convert.errors import run_cli
-from convert.hf_params import DTYPES, count_hf_tensors, iter_hf_leaves
+from convert.hf_params import AUTO_DTYPE, DTYPES, count_hf_tensors, iter_hf_leaves
 from orthrus_jax.checkpoint import write_model_dir_streaming
 from orthrus_jax.config import load_config
 from orthrus_jax.params import param_summary
 
 
-def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = "bf16", overwrite: bool = False,
+def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = AUTO_DTYPE, overwrite: bool = False,
                         progress: bool = True) -> None:
     """Convert HF_DIR into the model directory OUT_DIR (atomically)."""
     if os.path.exists(out_dir) and not overwrite:
@@ -50,9 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True,
                         help="output model directory; must not exist (written beside it, then "
                              "renamed into place)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
-                        help="dtype of the stored parameters (default bf16; bf16 input stays "
-                             "bit-identical)")
+    parser.add_argument("--dtype", choices=[AUTO_DTYPE, *sorted(DTYPES)], default=AUTO_DTYPE,
+                        help="dtype of the stored parameters: auto (default) keeps the "
+                             "checkpoint's, so HF -> Orbax -> HF is bit-identical; bf16, fp16 or "
+                             "fp32 cast every tensor")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -70,11 +70,26 @@ def atomic_directory(out_dir: str, overwrite: bool = False) -> Iterator[str]:
         raise
 
 
-def copy_tokenizer_files(src_dir: str, dst_dir: str) -> None:
-    for name in TOKENIZER_FILES:
+def copy_model_files(src_dir: str, dst_dir: str) -> None:
+    """Copy the tokenizer files and any remote-code modules (*.py, named by a config's auto_map,
+    e.g. an Orthrus checkpoint's modeling file) from src_dir into dst_dir."""
+    names = list(TOKENIZER_FILES)
+    if os.path.isdir(src_dir):
+        names += sorted(n for n in os.listdir(src_dir) if n.endswith(".py"))
+    for name in names:
         src = os.path.join(src_dir, name)
-        if os.path.exists(src):
+        if os.path.isfile(src):
             shutil.copyfile(src, os.path.join(dst_dir, name))  # not copy2: keep files writable
+
+
+def read_source_config(src_dir: str) -> dict[str, Any]:
+    """src_dir/config.json as a dict ({} when absent): the base whose extra fields are kept."""
+    path = os.path.join(src_dir, "config.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        hf = json.load(f)
+    return hf if isinstance(hf, dict) else {}
 
 
 def leaf_shapes(cfg: Qwen3Config) -> dict[str, tuple[int, ...]]:
@@ -119,9 +134,11 @@ def _leaf_writer() -> ocp.Checkpointer:
 
 
 def write_model_dir_streaming(out_dir: str, cfg: Qwen3Config, leaves: Iterable[tuple[str, Any]],
-                              tokenizer_dir: str, overwrite: bool = False,
-                              extra_config: dict[str, Any] | None = None) -> None:
+                              tokenizer_dir: str, overwrite: bool = False) -> None:
     """Write a complete model directory atomically from a stream of (leaf name, array).
+
+    tokenizer_dir (the HF source, or the model directory being re-exported) gives the tokenizer
+    and remote-code files, and the config.json whose extra fields the new config keeps.
 
     Each leaf is saved (and Orbax's host copy released) before the next is drawn from the
     iterator, so a lazy iterator keeps at most one leaf alive. Every leaf of the config must come
@@ -159,18 +176,16 @@ def write_model_dir_streaming(out_dir: str, cfg: Qwen3Config, leaves: Iterable[t
         with open(os.path.join(params_dir, LEAF_INDEX), "w") as f:  # one line per leaf
             rows = ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in index.items())
             f.write(f'{{"format": "{FORMAT}", "dtype": "{dtype}", "leaves": {{\n{rows}\n}}}}\n')
-        hf = cfg.to_hf_dict(orthrus=True, dtype=dtype)
-        hf.update(extra_config or {})
+        hf = cfg.to_hf_dict(orthrus=True, dtype=dtype, base=read_source_config(tokenizer_dir))
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
-        copy_tokenizer_files(tokenizer_dir, tmp)
+        copy_model_files(tokenizer_dir, tmp)
 
 
 def write_model_dir(out_dir: str, cfg: Qwen3Config, params: Params, tokenizer_dir: str,
-                    overwrite: bool = False, extra_config: dict[str, Any] | None = None) -> None:
+                    overwrite: bool = False) -> None:
     """Write a complete model directory atomically (leaf by leaf, see write_model_dir_streaming)."""
-    write_model_dir_streaming(out_dir, cfg, iter_leaves(params), tokenizer_dir, overwrite,
-                              extra_config)
+    write_model_dir_streaming(out_dir, cfg, iter_leaves(params), tokenizer_dir, overwrite)
 
 
 def _params_path(model_dir: str) -> str:
@@ -188,10 +203,14 @@ def _read_index(path: str) -> dict[str, Any] | None:
         if os.path.exists(os.path.join(path, "_METADATA")):
             return None
         raise ConfigError(f"{path}: no {LEAF_INDEX} (incomplete model directory?)")
-    with open(index_path) as f:
-        index = json.load(f)
-    if index.get("format") != FORMAT:
-        raise ConfigError(f"{index_path}: unknown format {index.get('format')!r}, want {FORMAT}")
+    try:
+        with open(index_path) as f:
+            index = json.load(f)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{index_path}: not valid JSON ({err})") from None
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        got = index.get("format") if isinstance(index, dict) else None
+        raise ConfigError(f"{index_path}: unknown format {got!r}, want {FORMAT}")
     return index
 
 
@@ -232,7 +251,15 @@ def iter_model_leaves(model_dir: str, dtype: Any = None,
                 raise ConfigError(f"{path}/{LEAF_INDEX}: no parameter leaf {name!r}")
             sub = index["leaves"][name]["dir"]
             target = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=shardings.get(name))
-            arr = cast(checkpointer.restore(os.path.join(path, sub), {sub: target})[sub])
+            leaf_path = os.path.join(path, sub)
+            try:
+                arr = cast(checkpointer.restore(leaf_path, {sub: target})[sub])
+            except Exception as err:  # missing, truncated or corrupt data (Orbax raises Exception)
+                while err.__cause__ is not None:  # the storage layer's own reason
+                    err = err.__cause__
+                msg = " ".join(str(err).split())[:240]
+                raise ConfigError(f"{leaf_path}: cannot restore parameter leaf {name!r} "
+                                  f"({msg})") from None
             release_freed_memory()
             yield name, arr
             del arr

@@ -7,6 +7,9 @@ import os
 from typing import Any
 
 DEFAULT_BLOCK_SIZE = 32
+HF_DEFAULT_HEAD_DIM = 128  # transformers' Qwen3Config defaults for absent fields
+HF_DEFAULT_ROPE_THETA = 10_000.0
+HF_DEFAULT_MAX_POSITIONS = 32_768
 
 
 class ConfigError(ValueError):
@@ -57,16 +60,17 @@ class Qwen3Config:
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], *, source: str = "config.json",
                      default_mask_token_id: int | None = None) -> "Qwen3Config":
-        """Build from a parsed HF config; refuse what the model cannot run, naming the field."""
+        """Build from a parsed HF config; refuse what the model cannot run, naming the field.
+
+        Absent optional fields take transformers' Qwen3Config defaults (head_dim 128, RoPE theta
+        10,000, 32,768 positions), so a config means here what it means to HF.
+        """
+        if not isinstance(hf, dict):
+            raise ConfigError(f"{source}: not a JSON object")
         model_type = hf.get("model_type")
         if model_type != "qwen3":
             raise ConfigError(f"{source}: field model_type is {model_type!r}; only 'qwen3' is supported")
-        rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type != "default":
-            raise ConfigError(f"{source}: field rope_scaling has rope_type {rope_type!r}; "
-                              "only the default RoPE is supported")
-        theta = rope.get("rope_theta", hf.get("rope_theta", 1_000_000.0))
+        theta = _rope_theta(hf, source)
         if hf.get("use_sliding_window"):
             raise ConfigError(f"{source}: field use_sliding_window is true; sliding-window attention "
                               "is not supported")
@@ -80,33 +84,65 @@ class Qwen3Config:
         missing = [k for k in required if k not in hf]
         if missing:
             raise ConfigError(f"{source}: missing field {missing[0]}")
-        heads = int(hf["num_attention_heads"])
+
+        def integer(name: str, default: int | None = None) -> int:
+            value = hf.get(name)
+            if value is None and default is not None:
+                return default
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{source}: field {name} must be an integer, got {value!r}")
+            return value
+
+        def number(name: str, default: float) -> float:
+            value = hf.get(name, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ConfigError(f"{source}: field {name} must be a number, got {value!r}")
+            return float(value)
+
+        heads = integer("num_attention_heads")
         eos = hf.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        mask_id = hf.get("mask_token_id", default_mask_token_id)
+        eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+        if any(isinstance(e, bool) or not isinstance(e, int) for e in eos_ids):
+            raise ConfigError(f"{source}: field eos_token_id must be an integer or a list of "
+                              f"integers, got {eos!r}")
+        # mask id: the config's, else the tokenizer's (load_config), else the last embedding row
+        mask_default = (default_mask_token_id if default_mask_token_id is not None
+                        else integer("vocab_size") - 1)
+        tie = hf.get("tie_word_embeddings", False)
+        if not isinstance(tie, bool):
+            raise ConfigError(f"{source}: field tie_word_embeddings must be true or false, "
+                              f"got {tie!r}")
         try:
             return cls(
-                vocab_size=int(hf["vocab_size"]),
-                hidden_size=int(hf["hidden_size"]),
-                intermediate_size=int(hf["intermediate_size"]),
-                num_layers=int(hf["num_hidden_layers"]),
+                vocab_size=integer("vocab_size"),
+                hidden_size=integer("hidden_size"),
+                intermediate_size=integer("intermediate_size"),
+                num_layers=integer("num_hidden_layers"),
                 num_heads=heads,
-                num_kv_heads=int(hf.get("num_key_value_heads", heads)),
-                head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(theta),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 40_960)),
-                block_size=int(hf.get("block_size", DEFAULT_BLOCK_SIZE)),
-                mask_token_id=int(mask_id if mask_id is not None else hf["vocab_size"] - 1),
-                eos_token_ids=tuple(int(e) for e in eos_ids),
+                num_kv_heads=integer("num_key_value_heads", heads),
+                head_dim=integer("head_dim", HF_DEFAULT_HEAD_DIM),
+                rms_norm_eps=number("rms_norm_eps", 1e-6),
+                rope_theta=theta,
+                tie_word_embeddings=tie,
+                max_position_embeddings=integer("max_position_embeddings",
+                                                HF_DEFAULT_MAX_POSITIONS),
+                block_size=integer("block_size", DEFAULT_BLOCK_SIZE),
+                mask_token_id=integer("mask_token_id", mask_default),
+                eos_token_ids=tuple(eos_ids),
             )
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
 
-    def to_hf_dict(self, *, orthrus: bool = True, dtype: str = "bfloat16") -> dict[str, Any]:
-        """The HF config.json for this shape; with orthrus=True, the OrthrusLM form."""
-        out: dict[str, Any] = {
+    def to_hf_dict(self, *, orthrus: bool = True, dtype: str = "bfloat16",
+                   base: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The HF config.json for this shape; with orthrus=True, the OrthrusLM form.
+
+        base: the source config.json. Its fields that this class does not model (bos/pad ids,
+        layer_types, auto_map, transformers_version, ...) are kept, and its RoPE field style
+        (rope_parameters or rope_theta) is followed, so a conversion round trip keeps the config.
+        """
+        base = dict(base or {})
+        out: dict[str, Any] = {**base,
             "architectures": ["OrthrusLM" if orthrus else "Qwen3ForCausalLM"],
             "model_type": "qwen3",
             "vocab_size": self.vocab_size,
@@ -118,20 +154,49 @@ class Qwen3Config:
             "head_dim": self.head_dim,
             "hidden_act": "silu",
             "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope_theta,
-            "rope_scaling": None,
             "tie_word_embeddings": self.tie_word_embeddings,
             "max_position_embeddings": self.max_position_embeddings,
             "attention_bias": False,
-            "attention_dropout": 0.0,
+            "attention_dropout": base.get("attention_dropout", 0.0),
             "use_sliding_window": False,
             "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
             "torch_dtype": dtype,
+            "dtype": dtype,  # transformers >= 5 reads "dtype", older versions "torch_dtype"
         }
+        if isinstance(base.get("rope_parameters"), dict):
+            out["rope_parameters"] = {**base["rope_parameters"], "rope_theta": self.rope_theta,
+                                      "rope_type": "default"}
+            if "rope_theta" in base:
+                out["rope_theta"] = self.rope_theta
+        else:
+            out["rope_theta"] = self.rope_theta
+            out["rope_scaling"] = None
         if orthrus:
             out["block_size"] = self.block_size
             out["mask_token_id"] = self.mask_token_id
+        else:
+            for key in ("block_size", "mask_token_id", "auto_map"):
+                out.pop(key, None)
         return out
+
+
+def _rope_theta(hf: dict[str, Any], source: str) -> float:
+    """RoPE base from rope_scaling / rope_parameters / rope_theta; only the default type runs."""
+    theta = hf.get("rope_theta", HF_DEFAULT_ROPE_THETA)
+    for field in ("rope_scaling", "rope_parameters"):
+        rope = hf.get(field)
+        if rope is None:
+            continue
+        if not isinstance(rope, dict):
+            raise ConfigError(f"{source}: field {field} must be an object, got {rope!r}")
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(f"{source}: field {field} has rope_type {rope_type!r}; only the "
+                              "default RoPE is supported")
+        theta = rope.get("rope_theta", theta)
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
+        raise ConfigError(f"{source}: field rope_theta must be a positive number, got {theta!r}")
+    return float(theta)
 
 
 def tokenizer_mask_token_id(model_dir: str) -> int | None:
@@ -168,5 +233,6 @@ def load_config(model_dir: str) -> Qwen3Config:
             hf = json.load(f)
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
-    default_mask = None if "mask_token_id" in hf else tokenizer_mask_token_id(model_dir)
+    default_mask = (tokenizer_mask_token_id(model_dir)
+                    if isinstance(hf, dict) and hf.get("mask_token_id") is None else None)
     return Qwen3Config.from_hf_dict(hf, source=path, default_mask_token_id=default_mask)

@@ -91,8 +91,40 @@ def test_code_paths_at_qwen3_8b_shapes_without_allocating():
 def test_unknown_rope_scaling_refused():
     with pytest.raises(ConfigError, match="rope_scaling.*yarn"):
         qwen3_config("8B", rope_scaling={"rope_type": "yarn", "factor": 4.0})
-    with pytest.raises(ConfigError, match="rope_scaling.*linear"):
+    with pytest.raises(ConfigError, match="field rope_parameters.*linear"):
         qwen3_config("8B", rope_parameters={"type": "linear", "factor": 2.0, "rope_theta": 1e6})
+    with pytest.raises(ConfigError, match="field rope_scaling must be an object"):
+        qwen3_config("8B", rope_scaling="yarn")
+
+
+@pytest.mark.parametrize("fields,match", [
+    ({"num_hidden_layers": "six"}, "field num_hidden_layers must be an integer, got 'six'"),
+    ({"num_key_value_heads": 2.5}, "field num_key_value_heads must be an integer"),
+    ({"hidden_size": True}, "field hidden_size must be an integer"),
+    ({"rms_norm_eps": "1e-6"}, "field rms_norm_eps must be a number"),
+    ({"rope_theta": "big"}, "field rope_theta must be a positive number"),
+    ({"eos_token_id": ["a"]}, "field eos_token_id must be an integer or a list"),
+    ({"tie_word_embeddings": "yes"}, "field tie_word_embeddings must be true or false"),
+    ({"mask_token_id": "<mask>"}, "field mask_token_id must be an integer"),
+])
+def test_malformed_values_named(fields, match):
+    with pytest.raises(ConfigError, match=match):
+        qwen3_config("8B", **fields)
+
+
+def test_absent_fields_take_transformers_defaults():
+    """head_dim, RoPE theta and positions default as in transformers' Qwen3Config (an absent
+    num_key_value_heads means plain multi-head attention here, as HF's None does)."""
+    from transformers import Qwen3Config as HFQwen3Config
+
+    fields = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
+              "num_hidden_layers": 1, "num_attention_heads": 4}
+    ours = Qwen3Config.from_hf_dict({"model_type": "qwen3", **fields})
+    theirs = HFQwen3Config(**fields)
+    assert ours.head_dim == theirs.head_dim == 128
+    assert ours.rope_theta == theirs.rope_parameters["rope_theta"]
+    assert ours.max_position_embeddings == theirs.max_position_embeddings
+    assert ours.num_kv_heads == HFQwen3Config(**fields, num_key_value_heads=None).num_key_value_heads
 
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3_moe", None])
@@ -140,6 +172,16 @@ def test_mask_id_defaults_to_len_tokenizer(micro_model_dir, tmp_path):
     hf["vocab_size"] = 8200  # an embedding with unused rows past the tokenizer, as in Qwen3
     (d / "config.json").write_text(json.dumps(hf))
     assert load_config(str(d)).mask_token_id == 8192
+
+
+def test_null_mask_id_falls_back_to_tokenizer(micro_model_dir, tmp_path):
+    d = tmp_path / "m"
+    shutil.copytree(micro_model_dir, d)
+    (d / "config.json").chmod(0o644)
+    hf = json.loads((d / "config.json").read_text())
+    hf["mask_token_id"] = None
+    (d / "config.json").write_text(json.dumps(hf))
+    assert load_config(str(d)).mask_token_id == 1  # the tokenizer's <|mask|>
 
 
 def test_orthrus_config_fields_read(micro_model_dir, tmp_path):

@@ -68,6 +68,9 @@ def test_round_trip_micro_bf16_bit_identical(micro_model_dir, tmp_path):
     assert hf_cfg["architectures"] == ["OrthrusLM"]
     assert hf_cfg["block_size"] == 32 and hf_cfg["mask_token_id"] == 1
     assert os.path.exists(tmp_path / "hf" / "tokenizer.json")
+    src_cfg = json.load(open(micro_model_dir / "config.json"))  # every other field kept as is
+    assert {k: hf_cfg.get(k) for k in src_cfg if k != "architectures"} == \
+        {k: v for k, v in src_cfg.items() if k != "architectures"}
 
 
 def test_round_trip_untied_official_diff_names_fp32(tmp_path):
@@ -77,7 +80,7 @@ def test_round_trip_untied_official_diff_names_fp32(tmp_path):
     model = make_hf_model(spec, seed=3)
     diff = random_diff_weights(model, seed=4)
     src_dir = save_hf_model(model, str(tmp_path / "src"), diff=diff)
-    assert convert(src_dir, tmp_path / "jax", "--dtype", "fp32") == 0
+    assert convert(src_dir, tmp_path / "jax") == 0  # --dtype auto: the checkpoint's fp32
     _, params = load_model(str(tmp_path / "jax"))
     q_diff = diff["model.layers.1.self_attn.q_proj_diff.weight"].numpy()
     np.testing.assert_array_equal(np.asarray(params["layers"]["q_proj_diff"][1]), q_diff.T)
@@ -94,6 +97,82 @@ def test_round_trip_untied_official_diff_names_fp32(tmp_path):
         torch.testing.assert_close(reloaded(tokens).logits, model(tokens).logits, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype,flag,bit_identical", [
+    (torch.float16, (), True), (torch.bfloat16, (), True), (torch.float16, ("--dtype", "bf16"), False)])
+def test_dtype_auto_keeps_the_checkpoint_dtype(tmp_path, dtype, flag, bit_identical):
+    """The default --dtype auto keeps fp16 / bf16 checkpoints bit-identical through the round
+    trip; an explicit --dtype casts every tensor."""
+    model = make_hf_model(TINY_SPECS[0], seed=6, dtype=dtype)
+    src_dir = save_hf_model(model, str(tmp_path / "src"))
+    assert convert(src_dir, tmp_path / "jax", *flag) == 0
+    _, params = load_model(str(tmp_path / "jax"))
+    want = jax.numpy.bfloat16 if flag else dtype_name(dtype)
+    assert all(x.dtype == want for x in jax.tree_util.tree_leaves(params))
+    assert back(tmp_path / "jax", tmp_path / "hf") == 0
+    src, out = read_all(src_dir), read_all(tmp_path / "hf")
+    same = all(out[k].dtype == a.dtype and out[k].tobytes() == a.tobytes() for k, a in src.items())
+    assert same == bit_identical
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+MODELING_STAND_IN = """
+import torch
+from transformers import Qwen3ForCausalLM
+from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+
+class OrthrusLM(Qwen3ForCausalLM):
+    \"\"\"Stand-in for the official src/model.py: the same _diff parameter names.\"\"\"
+
+    def __init__(self, config):
+        super().__init__(config)
+        for layer in self.model.layers:
+            attn = layer.self_attn
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                ar = getattr(attn, name)
+                setattr(attn, name + "_diff",
+                        torch.nn.Linear(ar.in_features, ar.out_features, bias=False))
+            attn.q_norm_diff = Qwen3RMSNorm(config.head_dim, eps=config.rms_norm_eps)
+            attn.k_norm_diff = Qwen3RMSNorm(config.head_dim, eps=config.rms_norm_eps)
+        self.post_init()
+"""
+
+
+def test_export_with_modeling_file_loads_through_remote_code(tmp_path):
+    """--modeling-file: AutoModelForCausalLM(trust_remote_code=True) builds OrthrusLM from the
+    export with no missing or unexpected weights, and the trained heads arrive intact."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_hf_model(TINY_SPECS[1], seed=7)
+    diff = random_diff_weights(model, seed=8)
+    src_dir = save_hf_model(model, str(tmp_path / "src"), diff=diff)
+    assert convert(src_dir, tmp_path / "jax") == 0
+    modeling = tmp_path / "model.py"
+    modeling.write_text(MODELING_STAND_IN)
+    assert orbax_to_hf.main(["--model", str(tmp_path / "jax"), "--out", str(tmp_path / "hf"),
+                             "--quiet", "--modeling-file", str(modeling)]) == 0
+    hf_cfg = json.load(open(tmp_path / "hf" / "config.json"))
+    assert hf_cfg["auto_map"] == {"AutoModelForCausalLM": "modeling_orthrus.OrthrusLM"}
+    loaded, info = AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "hf"), trust_remote_code=True, dtype=torch.float32,
+        output_loading_info=True)
+    assert type(loaded).__name__ == "OrthrusLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"], info
+    state = loaded.state_dict()
+    for key, want in diff.items():
+        torch.testing.assert_close(state[key], want, rtol=0, atol=0)
+    # a re-export of that model dir keeps the auto_map and the modeling file
+    assert back(tmp_path / "jax", tmp_path / "hf2") == 0 and "auto_map" not in json.load(
+        open(tmp_path / "hf2" / "config.json"))
+    assert convert(tmp_path / "hf", tmp_path / "jax2") == 0
+    assert back(tmp_path / "jax2", tmp_path / "hf3") == 0
+    assert json.load(open(tmp_path / "hf3" / "config.json"))["auto_map"] == hf_cfg["auto_map"]
+    assert (tmp_path / "hf3" / "modeling_orthrus.py").read_text() == MODELING_STAND_IN
+
+
 def test_sharded_input_equals_single_file(tmp_path):
     """An index + several shards converts to the same parameters as one file."""
     spec = TINY_SPECS[2]
@@ -106,6 +185,19 @@ def test_sharded_input_equals_single_file(tmp_path):
     _, got = load_model(str(tmp_path / "jax"))
     _, want = read_hf_params(single)
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(got), jax.tree_util.tree_leaves(want)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
+    # sharded output (with the _diff twins), and that sharded Orthrus checkpoint read back
+    assert orbax_to_hf.main(["--model", str(tmp_path / "jax"), "--out", str(tmp_path / "out"),
+                             "--quiet", "--max-shard-gb", str(40e3 / 2**30)]) == 0
+    out_shards = [f for f in os.listdir(tmp_path / "out") if f.endswith(".safetensors")]
+    assert len(out_shards) >= 2 and (tmp_path / "out" / "model.safetensors.index.json").exists()
+    src, out = read_all(single), read_all(tmp_path / "out")
+    for key, arr in src.items():
+        assert_bit_identical(out[key], arr, key)
+    assert any("_diff" in k for k in out)
+    assert convert(tmp_path / "out", tmp_path / "jax2") == 0
+    _, again = load_model(str(tmp_path / "jax2"))
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(again), jax.tree_util.tree_leaves(got)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=str(path))
 
 
@@ -159,7 +251,7 @@ def _not_qwen3(d):
 
 def _unknown_rope(d):
     _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6})
-    return "rope_scaling"
+    return "field rope_parameters has rope_type 'yarn'"
 
 
 BAD_INPUTS = {"missing-shard": _missing_shard, "wrong-shape": _wrong_shape,
@@ -254,6 +346,26 @@ def test_model_dir_per_leaf_cast_and_stream_checks(micro_model_dir, tmp_path):
     old_leaves = dict(iter_leaves(old))
     for name, a in fp32_leaves.items():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(old_leaves[name]), err_msg=name)
+
+
+@pytest.mark.parametrize("damage", ["truncated-leaf", "bad-index"])
+def test_damaged_model_dir_one_line_error(micro_model_dir, tmp_path, capsys, damage):
+    """A truncated leaf or a corrupt leaves.json: orbax_to_hf prints one line naming the file,
+    exits 2 and writes nothing."""
+    assert convert(micro_model_dir, tmp_path / "jax") == 0
+    leaf = tmp_path / "jax" / "params" / "layers.q_proj_diff"
+    if damage == "truncated-leaf":
+        for f in (p for p in leaf.rglob("*") if p.is_file() and p.parent.name == "d"):
+            os.truncate(f, f.stat().st_size // 2)
+        named = str(leaf)
+    else:
+        (tmp_path / "jax" / "params" / "leaves.json").write_text("{bad")
+        named = str(tmp_path / "jax" / "params" / "leaves.json")
+    capsys.readouterr()
+    assert back(tmp_path / "jax", tmp_path / "hf") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {named}"), err
+    assert not (tmp_path / "hf").exists()
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux /proc VmHWM")
