@@ -118,15 +118,12 @@ def test_ar_bf16_matches_hf_fp32_by_kl(micro_fp32, micro_hf_fp32, long_text_toke
     assert kl_mean <= 2 * hf_kl_mean + 1e-4, (kl_mean, hf_kl_mean)
 
 
-def test_prefill_then_cached_steps_equal_full_forward_ragged(micro_fp32, long_text_tokens):
+def _check_prefill_then_cached_steps(params, cfg, rows: np.ndarray) -> None:
     """Prefill + one-token cached steps equal one full forward, with rows at different lengths.
 
     Row 0 prefills 24 tokens; row 1 prefills the same 24 but commits only 19 (ragged lengths:
     its last 5 cache entries are stale and get overwritten). Both then step one token at a time.
     """
-    cfg, params = micro_fp32
-    seq = long_text_tokens[0, :40]
-    rows = np.stack([seq, np.roll(seq, 3)])
     full, _ = full_logits(params, cfg, rows)
     cache = init_cache(cfg, 2, 64, jnp.float32)
     hidden, cache = ar_jit(params, cfg, jnp.asarray(rows[:, :24]), cache)
@@ -141,6 +138,19 @@ def test_prefill_then_cached_steps_equal_full_forward_ragged(micro_fp32, long_te
         assert_logits_close(step, full[np.arange(2), lengths])
         lengths = lengths + 1
         cache = cache.replace(length=jnp.asarray(lengths, jnp.int32))
+
+
+def test_prefill_then_cached_steps_equal_full_forward_ragged(micro_fp32, long_text_tokens):
+    cfg, params = micro_fp32
+    seq = long_text_tokens[0, :40]
+    _check_prefill_then_cached_steps(params, cfg, np.stack([seq, np.roll(seq, 3)]))
+
+
+def test_prefill_then_cached_steps_tiny(tiny):
+    """The same on the random tied/untied, GQA 1/2/4 configs."""
+    spec, _, _, cfg, params = tiny
+    _check_prefill_then_cached_steps(params, cfg,
+                                     np.random.default_rng(4).integers(0, spec.vocab, (2, 40)))
 
 
 def test_diffusion_training_form_matches_oracle(tiny):
@@ -180,6 +190,41 @@ def test_draft_block_matches_oracle_ragged(tiny):
         block[0, 0] = anchor[r]
         ref = diffusion_oracle(model, diff, rows[r, : lengths[r]], block, lengths[r:r + 1])
         assert_logits_close(ours[r], ref[0])
+
+
+@pytest.fixture(scope="module")
+def micro_random_diff(micro_hf_fp32, tmp_path_factory):
+    """micro-qwen3 with random _diff twins: (HF model, _diff tensors, our cfg, our fp32 params)."""
+    diff = random_diff_weights(micro_hf_fp32, seed=11)
+    out = save_hf_model(micro_hf_fp32, str(tmp_path_factory.mktemp("micro-diff")), diff=diff)
+    cfg, params = read_hf_params(out, jnp.float32)
+    return micro_hf_fp32, diff, cfg, params
+
+
+def test_both_diffusion_forms_match_oracle_micro(micro_random_diff, long_text_tokens):
+    """On the real micro model (K = 32, its mask token): training form with 3 blocks per row,
+    and the inference form over a cache, both equal the torch oracle."""
+    model, diff, cfg, params = micro_random_diff
+    k_size, row = cfg.block_size, long_text_tokens[0, :160]
+    anchors = np.array([[7, 60, 121]])
+    blocks = np.full((1, 3, k_size), cfg.mask_token_id)
+    blocks[0, :, 0] = row[anchors[0]]
+    positions = anchors[..., None] + np.arange(k_size)
+    _, cache = full_logits(params, cfg, row[None])
+    hidden = diffusion_jit(params, cfg, jnp.asarray(blocks, jnp.int32),
+                           jnp.asarray(positions, jnp.int32), cache.k, cache.v,
+                           jnp.asarray(anchors, jnp.int32))
+    ours = np.asarray(logits_jit(params, hidden))[0]
+    assert_logits_close(ours, diffusion_oracle(model, diff, row, blocks[0], anchors[0]))
+    length = 100
+    cache = init_cache(cfg, 1, length + k_size + 1, jnp.float32)
+    _, cache = ar_jit(params, cfg, jnp.asarray(row[None, :length], jnp.int32), cache)
+    cache = cache.replace(length=jnp.asarray([length], jnp.int32))
+    hidden = draft_jit(params, cfg, jnp.asarray(row[length:length + 1], jnp.int32), cache, k_size)
+    block = np.full((1, k_size), cfg.mask_token_id)
+    block[0, 0] = row[length]
+    assert_logits_close(np.asarray(logits_jit(params, hidden))[0],
+                        diffusion_oracle(model, diff, row[:length], block, np.array([length]))[0])
 
 
 def test_diffusion_view_uses_diff_weights(tiny):
