@@ -8,7 +8,6 @@ deletes everything it wrote.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -20,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from convert.hf_params import write_safetensors_streaming
+from orthrus_jax.cli import ArgumentParser
 
 SHAPES = {
     "0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
@@ -99,7 +99,8 @@ def converter_peak_rss(hf_dir: str, out: str, *extra: str) -> int:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="python -m bench.convert_memory",
+                            description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SHAPES), default="0.6B", help="Qwen3 shape")
     parser.add_argument("--workdir", default="/tmp/convmem", help="scratch dir (deleted after)")
     args = parser.parse_args()

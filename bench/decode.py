@@ -24,6 +24,7 @@ import numpy as np
 
 from bench import common
 from infer import decoder
+from orthrus_jax.cli import ArgumentParser
 
 ENGINES = ("hf", "ar", "orthrus")
 LABELS = {"hf": "HF transformers generate", "ar": "ours, AR mode", "orthrus": "ours, Orthrus"}
@@ -364,7 +365,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.decode", description=__doc__,
+    p = ArgumentParser(prog="python -m bench.decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="checkpoints/demo",
                    help="Orthrus model dir (params/), or an HF dir (diffusion twins = AR copies)")

@@ -27,6 +27,7 @@ import numpy as np
 
 from bench import common
 from infer import decoder
+from orthrus_jax.cli import ArgumentParser
 from orthrus_jax.config import Qwen3Config
 from orthrus_jax.params import DIFF_KEYS, count_params, init_params, param_shapes, param_summary
 
@@ -189,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__,
+    p = ArgumentParser(prog="python -m bench.gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen3-1.7b,qwen3-8b",
                    help=f"comma-separated, from {sorted(SHAPES)}; only 'tiny' runs without a GPU")

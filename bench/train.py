@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bench import common
+from orthrus_jax.cli import ArgumentParser
 
 # ---------------------------------------------------------------------------------------------
 # FLOPs model
@@ -228,7 +229,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__,
+    p = ArgumentParser(prog="python -m bench.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="train YAML (train/configs/*.yaml)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

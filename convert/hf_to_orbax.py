@@ -9,7 +9,6 @@ attention (the Orthrus warm start). The output directory appears only when compl
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -17,6 +16,7 @@ from tqdm import tqdm
 
 from convert.errors import run_cli
 from convert.hf_params import AUTO_DTYPE, DTYPES, count_hf_tensors, iter_hf_leaves
+from orthrus_jax.cli import ArgumentParser
 from orthrus_jax.checkpoint import write_model_dir_streaming
 from orthrus_jax.config import load_config
 from orthrus_jax.params import param_summary
@@ -40,7 +40,7 @@ def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = AUTO_DTYPE, over
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m convert.hf_to_orbax",
         description="Convert an HF Qwen3 / Orthrus-Qwen3 safetensors checkpoint into an "
                     "orthrus-jax model directory (config.json, tokenizer files, params/ Orbax).")

@@ -12,7 +12,6 @@ restored one at a time and their tensors written leaf-major (every layer's q_pro
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -24,6 +23,7 @@ from tqdm import tqdm
 
 from convert.errors import run_cli
 from convert.hf_params import hf_tensor_plan, write_hf_safetensors
+from orthrus_jax.cli import ArgumentParser
 from orthrus_jax.checkpoint import (
     atomic_directory, copy_model_files, iter_model_leaves, model_leaf_specs, read_source_config,
 )
@@ -76,7 +76,7 @@ def convert_orbax_to_hf(model_dir: str, out_dir: str, overwrite: bool = False,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m convert.orbax_to_hf",
         description="Write an orthrus-jax model directory back in the HF Orthrus format "
                     "(safetensors + OrthrusLM config.json + tokenizer files).")

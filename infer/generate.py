@@ -10,6 +10,7 @@ import os
 import pathlib
 import sys
 from typing import Sequence
+from orthrus_jax.cli import ArgumentParser
 
 DEFAULT_MODEL = "checkpoints/demo"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
@@ -23,7 +24,7 @@ def default_model_dir() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m infer.generate",
         description="Generate with Orthrus: the diffusion view drafts K tokens in one pass over the "
                     "shared KV cache, the AR view verifies them in a second pass (output equals AR "

@@ -7,7 +7,6 @@ cycle, bonus excluded (the decoder's definition); also TPF and per-position acce
 """
 from __future__ import annotations
 
-import argparse
 import json
 
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ import numpy as np
 from infer.decoder import generate, summarize
 from infer.text import encode, load_tokenizer
 from train.make_data import load_any_model, read_prompts
+from orthrus_jax.cli import ArgumentParser
 
 SETTINGS = {"greedy": dict(temperature=0.0),
             "sampled": dict(temperature=0.7, top_p=0.8, top_k=20, seed=0)}
@@ -40,7 +40,7 @@ def evaluate(model_dir: str, prompts_path: str, n: int = 20, max_new_tokens: int
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = ArgumentParser(prog="python -m train.eval_accept", description=__doc__)
     ap.add_argument("--model", required=True)
     ap.add_argument("--prompts", default="/work/shared/data/prompts-dev.jsonl")
     ap.add_argument("--n", type=int, default=20)

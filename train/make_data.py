@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from orthrus_jax.cli import ArgumentParser
 from orthrus_jax.cache import init_cache
 from orthrus_jax.config import Qwen3Config
 from orthrus_jax.model import ar_forward, lm_logits
@@ -169,7 +170,8 @@ def finalize(out_dir: str, n_chunks: int) -> None:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m train.make_data", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="HF dir or Orthrus model dir")
     ap.add_argument("--prompts", required=True, help="JSONL with a 'prompt' field")
     ap.add_argument("--out", required=True)

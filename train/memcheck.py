@@ -20,6 +20,7 @@ import json
 import jax
 import jax.numpy as jnp
 
+from orthrus_jax.cli import ArgumentParser
 from orthrus_jax.params import param_shapes, param_summary, split_params
 from train.config import load_config
 from train.step import LossOptions, make_optimizer, make_train_step
@@ -69,7 +70,8 @@ def memcheck(tcfg, model_cfg, rows: int = 1, devices: int = 1) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m train.memcheck", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--shape", default="qwen3-8b", help="a bench.gpu SHAPES name")
     ap.add_argument("--rows", type=int, default=1, help="rows per device per micro-batch")

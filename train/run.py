@@ -22,6 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from orthrus_jax.cli import ArgumentParser
 from orthrus_jax import sharding as shd
 from orthrus_jax.checkpoint import write_model_dir
 from orthrus_jax.params import merge_params, param_summary, split_params
@@ -258,7 +259,8 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m train.run", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default=None, help="YAML file (train/configs/*.yaml)")
     ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
     ap.add_argument("--export", default=None, metavar="DIR",
