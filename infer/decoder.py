@@ -91,8 +91,8 @@ class DecodeState:
     done: Array        # bool[B]
     key: Array
     cycles: Array      # int32[B]: loop iterations while the row was active
-    acc_hist: Array    # int32[B, K]: histogram of accepted drafts per cycle (0..K-1)
-    pos_acc: Array     # int32[B, max(K-1, 1)]: cycles where draft position i was accepted
+    acc_hist: Array    # int32[B, K]: histogram of accepted (and emitted) drafts per cycle
+    pos_acc: Array     # int32[B, max(K-1, 1)]: cycles where draft i was accepted and emitted
     steps: Array       # int32[]: loop iterations of the batch
 
 
@@ -173,10 +173,13 @@ def step_fn(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Samplin
     new_anchor = jnp.take_along_axis(block, jnp.maximum(n_emit - 1, 0)[:, None], axis=1)[:, 0]
     out = _write_rows(state.out, block, state.n_out)  # past n_out for finished rows: unused
     length = jnp.where(active, cache.length + n_acc + 1, cache.length)
+    # statistics count the accepted drafts that were emitted: an EOS or max_new_tokens cut
+    # drops the rest of the block (and the correction/bonus token with it)
+    n_kept = jnp.minimum(n_acc, n_emit)
     kk = state.acc_hist.shape[1]
-    hist = state.acc_hist + (active[:, None] & (jnp.arange(kk)[None, :] == n_acc[:, None]))
+    hist = state.acc_hist + (active[:, None] & (jnp.arange(kk)[None, :] == n_kept[:, None]))
     pos = state.pos_acc + (active[:, None]
-                           & (jnp.arange(state.pos_acc.shape[1])[None, :] < n_acc[:, None]))
+                           & (jnp.arange(state.pos_acc.shape[1])[None, :] < n_kept[:, None]))
     return state.replace(
         cache=cache.replace(length=length.astype(jnp.int32)),
         anchor=jnp.where(active, new_anchor, state.anchor), out=out,
@@ -216,7 +219,8 @@ class GenerationStats:
     forward_passes counts passes this row took part in while active: 1 (prefill) + 2 per orthrus
     cycle, or 1 + 1 per AR step. tpf = tokens / forward_passes (orthrus: tokens / (1 + 2 cycles)).
     acceptance_length = drafts accepted per cycle, the bonus/correction token EXCLUDED (vLLM and
-    SGLang count the bonus, i.e. report ours + 1). acceptance_hist[n] = cycles that accepted n
+    SGLang count the bonus, i.e. report ours + 1). Only emitted drafts count: in a cycle cut by
+    EOS or max_new_tokens, accepted drafts past the cut are not counted. acceptance_hist[n] = cycles that accepted n
     drafts; position_acceptance[i] = cycles where draft i+1 was accepted / cycles. Times are the
     batch's wall clock: ttft_s = start to first token (prefill), tokens_per_s = tokens / time.
     """

@@ -123,7 +123,32 @@ def test_max_new_exact_per_row_and_stats(micro_fp32, params_copied, prompt_ids, 
             pos = s.position_acceptance
             assert all(a >= b for a, b in zip(pos, pos[1:]))  # a prefix is accepted
             assert s.acceptance_length == pytest.approx(sum(pos))
+            assert _committed_identity(s)
             assert s.ttft_s > 0 and s.tokens_per_s > 0
+
+
+def _committed_identity(s) -> bool:
+    """tokens = 1 (prefill) + per cycle: the drafts counted + the correction/bonus, which only a
+    row's last cycle can lose to an EOS / max_new_tokens cut."""
+    drafts = round(s.acceptance_length * s.cycles)
+    return s.tokens - 1 - s.cycles <= drafts <= s.tokens - s.cycles
+
+
+def test_acceptance_counts_only_emitted_drafts():
+    """The trained demo heads accept whole blocks once the text loops; a max_new_tokens cut
+    mid-block must not count the accepted drafts it drops (in the mean or the histogram)."""
+    from tokenizers import Tokenizer
+
+    from orthrus_jax.checkpoint import load_model
+    from tests.conftest import REPO
+
+    cfg, params = load_model(str(REPO / "checkpoints" / "demo"), jnp.float32)
+    ids = Tokenizer.from_file(str(REPO / "checkpoints" / "demo" / "tokenizer.json")).encode(
+        "def fibonacci(n):").ids
+    for max_new in (40, 64, 100):
+        s = generate(params, cfg, [ids], max_new_tokens=max_new, batch_size=1)[0].stats
+        assert s.tokens == max_new and _committed_identity(s), (max_new, s)
+        assert sum(n * c for n, c in enumerate(s.acceptance_hist)) <= s.tokens - 1 - s.cycles + 1
 
 
 def test_eos_inside_accepted_block(micro_fp32, params_copied, prompt_ids, hf_refs):
