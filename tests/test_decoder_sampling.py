@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from scipy import stats as scistats
 
+from infer import decoder
 from infer.decoder import generate
 from orthrus_jax import spec as S
 from orthrus_jax.cache import init_cache
@@ -31,7 +32,11 @@ def tiny():
                       num_heads=2, num_kv_heads=1, head_dim=16, block_size=4, mask_token_id=V - 1,
                       max_position_embeddings=64, eos_token_ids=())
     params = init_params(cfg, jax.random.PRNGKey(1), jnp.float32)
-    params["lm_head"] = params["lm_head"] * 60.0  # peaked but not degenerate distributions
+    # Moderately peaked distributions: top-k / top-p really cut q and p, and q overlaps p enough
+    # that drafts are often accepted. (At a x60 scale q sat on ~2 tokens p barely covered, every
+    # draft was rejected, and a q taken before top-k or before temperature went unnoticed; at
+    # x4 both bugs, injected by hand, fail the cases below with p < 1e-50.)
+    params["lm_head"] = params["lm_head"] * 4.0
     return cfg, params
 
 
@@ -74,6 +79,8 @@ def chi2_pvalue(counts, probs):
     ("orthrus", "copied", 1.0, 0, 1.0),
     ("orthrus", "random", 0.7, 6, 0.8),
     ("orthrus", "random", 1.3, 0, 0.9),
+    ("orthrus", "random", 1.0, 0, 0.5),
+    ("orthrus", "copied", 0.5, 0, 0.6),
     ("ar", "random", 0.7, 6, 0.8),
 ])
 def test_sampling_matches_exact_ar_marginals(tiny, mode, diff, temperature, top_k, top_p):
@@ -94,15 +101,36 @@ def test_sampling_matches_exact_ar_marginals(tiny, mode, diff, temperature, top_
         assert hist[0] > 0 and hist[1:].sum() > 0
 
 
-def test_chi2_has_power(tiny):
-    """The test above would catch returning the drafts: q's marginal differs from p's."""
-    cfg, params = tiny
-    res = generate(params, cfg, [PROMPT] * ROWS, mode="ar", max_new_tokens=NEW, temperature=1.0,
-                   seed=5, batch_size=ROWS)
+def _min_pvalue(cfg, params, temperature, top_k, top_p) -> float:
+    res = generate(params, cfg, [PROMPT] * ROWS, mode="orthrus", max_new_tokens=NEW,
+                   temperature=temperature, top_k=top_k, top_p=top_p, seed=11, batch_size=ROWS)
     toks = np.array([r.token_ids for r in res])
-    margs = exact_marginals(cfg, params, 1.0, 0, 1.0)
-    wrong = 0.7 * margs[1] + 0.3 * np.full(V, 1.0 / V)
-    assert chi2_pvalue(np.bincount(toks[:, 1], minlength=V), wrong) < P_MIN
+    margs = exact_marginals(cfg, params, temperature, top_k, top_p)
+    return min(chi2_pvalue(np.bincount(toks[:, t], minlength=V), margs[t]) for t in range(NEW))
+
+
+@pytest.mark.parametrize("bug", ["q before top-k/top-p", "q before temperature"])
+def test_chi2_catches_a_wrong_q(tiny, monkeypatch, bug):
+    """Power: drafts sampled from the processed q but judged by a q taken before top-k/top-p, or
+    before temperature (bugs seen in other implementations) fail the chi-square test."""
+    cfg, params = tiny
+    real_processed, real_verify = decoder._processed, S.rejection_verify
+    raw = {}
+
+    def processed(spec, sampling, logits):
+        if logits.shape[-2] == spec.block_size - 1:  # the draft (q) logits
+            scale = sampling.temperature if bug == "q before top-k/top-p" else 1.0
+            raw["q"] = jax.nn.log_softmax(logits / scale, axis=-1)
+        return real_processed(spec, sampling, logits)
+
+    monkeypatch.setattr(decoder, "_processed", processed)
+    monkeypatch.setattr(S, "rejection_verify", lambda key, d, p, q: real_verify(key, d, p, raw["q"]))
+    jax.clear_caches()  # the decoder's jitted functions must be traced with the bug
+    try:
+        assert _min_pvalue(cfg, params, 0.7, 6, 0.8) < P_MIN  # measured: 4e-55 and 1e-89
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()  # and never reused by later tests
 
 
 def test_seed_reproducible(tiny):
