@@ -159,7 +159,9 @@ class Qwen3Config:
             "attention_bias": False,
             "attention_dropout": base.get("attention_dropout", 0.0),
             "use_sliding_window": False,
-            "eos_token_id": list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
+            # the source's own value: ours may come from generation_config.json
+            "eos_token_id": base.get("eos_token_id", list(self.eos_token_ids)
+                                     if len(self.eos_token_ids) != 1 else self.eos_token_ids[0]),
             "torch_dtype": dtype,
             "dtype": dtype,  # transformers >= 5 reads "dtype", older versions "torch_dtype"
         }
@@ -235,4 +237,26 @@ def load_config(model_dir: str) -> Qwen3Config:
         raise ConfigError(f"{path}: not valid JSON ({err})") from None
     default_mask = (tokenizer_mask_token_id(model_dir)
                     if isinstance(hf, dict) and hf.get("mask_token_id") is None else None)
-    return Qwen3Config.from_hf_dict(hf, source=path, default_mask_token_id=default_mask)
+    cfg = Qwen3Config.from_hf_dict(hf, source=path, default_mask_token_id=default_mask)
+    gen_eos = generation_eos_token_ids(model_dir)
+    return cfg if gen_eos is None else dataclasses.replace(cfg, eos_token_ids=gen_eos)
+
+
+def generation_eos_token_ids(model_dir: str) -> tuple[int, ...] | None:
+    """EOS ids of MODEL_DIR/generation_config.json, which HF generate stops on (Qwen3 lists
+    <|im_end|> and <|endoftext|> there, config.json only one); None without that field."""
+    path = os.path.join(model_dir, "generation_config.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            eos = json.load(f).get("eos_token_id")
+    except (json.JSONDecodeError, AttributeError) as err:
+        raise ConfigError(f"{path}: not a valid generation config ({err})") from None
+    if eos is None:
+        return None
+    eos_ids = eos if isinstance(eos, list) else [eos]
+    if any(isinstance(e, bool) or not isinstance(e, int) for e in eos_ids):
+        raise ConfigError(f"{path}: field eos_token_id must be an integer or a list of integers, "
+                          f"got {eos!r}")
+    return tuple(eos_ids)

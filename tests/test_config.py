@@ -184,6 +184,26 @@ def test_null_mask_id_falls_back_to_tokenizer(micro_model_dir, tmp_path):
     assert load_config(str(d)).mask_token_id == 1  # the tokenizer's <|mask|>
 
 
+def test_eos_ids_from_generation_config(micro_model_dir, tmp_path):
+    """HF generate stops on generation_config.json's eos ids (Qwen3: <|im_end|> and
+    <|endoftext|>); so does the decoder. The written config.json keeps its own value."""
+    from orthrus_jax.checkpoint import read_source_config
+
+    d = tmp_path / "m"
+    shutil.copytree(micro_model_dir, d)
+    (d / "generation_config.json").chmod(0o644)
+    gen = json.loads((d / "generation_config.json").read_text())
+    gen["eos_token_id"] = [0, 5]
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    cfg = load_config(str(d))
+    assert cfg.eos_token_ids == (0, 5)
+    assert cfg.to_hf_dict(base=read_source_config(str(d)))["eos_token_id"] == 0
+    gen["eos_token_id"] = "eos"
+    (d / "generation_config.json").write_text(json.dumps(gen))
+    with pytest.raises(ConfigError, match="generation_config.json: field eos_token_id"):
+        load_config(str(d))
+
+
 def test_orthrus_config_fields_read(micro_model_dir, tmp_path):
     """block_size and mask_token_id from an Orthrus config.json win over the defaults."""
     d = tmp_path / "m"
