@@ -315,18 +315,18 @@ def make_spec(cfg: Qwen3Config, *, mode: str = "orthrus", max_new_tokens: int = 
               eos_token_ids: Sequence[int] | None = None) -> DecodeSpec:
     if mode not in MODES:
         raise GenerationError(f"mode must be one of {MODES}, got {mode!r}")
-    k = int(block_size or cfg.block_size)
+    k = int(cfg.block_size if block_size is None else block_size)
     if k < 2:
         raise GenerationError(f"block_size must be >= 2, got {k}")
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
         raise GenerationError(f"temperature must be >= 0, got {temperature}")
-    if not 0.0 < top_p <= 1.0:
-        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise GenerationError(f"top_k must be >= 0, got {top_k}")
     greedy = temperature == 0.0
+    if not greedy and not 0.0 < top_p <= 1.0:  # greedy ignores the sampling filters
+        raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
+    if not greedy and top_k < 0:
+        raise GenerationError(f"top_k must be >= 0, got {top_k}")
     eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     return DecodeSpec(cfg=cfg, mode=mode, block_size=k, max_new_tokens=new_bucket(max_new_tokens),
                       greedy=greedy, top_k=0 if greedy else int(top_k),
@@ -336,7 +336,10 @@ def make_spec(cfg: Qwen3Config, *, mode: str = "orthrus", max_new_tokens: int = 
 
 def _check_prompts(cfg: Qwen3Config, prompts: Sequence[Sequence[int]], max_new: int,
                    max_len: int | None) -> int:
-    capacity = int(max_len or cfg.max_position_embeddings)
+    capacity = int(cfg.max_position_embeddings if max_len is None else max_len)
+    if not 1 <= capacity <= cfg.max_position_embeddings:
+        raise GenerationError(f"max_len must be in 1..{cfg.max_position_embeddings} (the model's "
+                              f"max_position_embeddings), got {capacity}")
     for i, p in enumerate(prompts):
         if len(p) == 0:
             raise GenerationError(f"prompt {i} is empty: at least one token is needed")

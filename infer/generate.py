@@ -10,6 +10,7 @@ import os
 import pathlib
 import sys
 from typing import Sequence
+
 from orthrus_jax.cli import ArgumentParser
 
 DEFAULT_MODEL = "checkpoints/demo"
@@ -89,10 +90,14 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
             if not line.strip():
                 continue
             try:
-                prompts.append(json.loads(line)["prompt"])
+                prompt = json.loads(line)["prompt"]
             except (json.JSONDecodeError, KeyError, TypeError):
                 raise ValueError(f"{args.prompts_file}:{n}: expected a JSON object with a "
                                  "\"prompt\" field") from None
+            if not isinstance(prompt, str) or not prompt:
+                raise ValueError(f"{args.prompts_file}:{n}: field \"prompt\" must be a non-empty "
+                                 f"string, got {prompt!r}")
+            prompts.append(prompt)
     if not prompts:
         raise ValueError(f"{args.prompts_file}: no prompts")
     return prompts

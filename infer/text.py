@@ -77,9 +77,12 @@ def render_chat(model_dir: str, messages: list[dict[str, str]], *, enable_thinki
     for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
         value = cfg.get(name)
         special[name] = value.get("content") if isinstance(value, dict) else value
-    return env.from_string(template).render(
-        messages=messages, add_generation_prompt=add_generation_prompt,
-        enable_thinking=enable_thinking, **special)
+    try:
+        return env.from_string(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            enable_thinking=enable_thinking, **special)
+    except jinja2.exceptions.TemplateError as err:  # raise_exception(...) or a broken template
+        raise ConfigError(f"{model_dir}: the chat template failed: {err}") from None
 
 
 class StreamDecoder:

@@ -83,7 +83,7 @@ def test_ar_greedy_matches_hf(micro_fp32, params_copied, prompt_ids, hf_refs, ba
         assert r.stats.tpf == 1.0 and r.stats.forward_passes == r.stats.tokens
 
 
-@pytest.mark.parametrize("diff,batch", [("copied", 1), ("copied", 4), ("random", 4)])
+@pytest.mark.parametrize("diff,batch", [("copied", 1), ("copied", 4), ("random", 1), ("random", 4)])
 def test_orthrus_greedy_matches_hf(request, micro_fp32, prompt_ids, hf_refs, batch, diff):
     cfg, _ = micro_fp32
     params = request.getfixturevalue(f"params_{diff}")

@@ -73,12 +73,43 @@ def test_chat_template_rendering(tmp_path):
     (["--prompt", ""], "prompt 0 is empty"),
     (["--prompt", "word " * 80, "--max-len", "64"], "cache holds 64"),
     (["--prompts-file", "/nonexistent.jsonl"], "prompts file not found"),
+    (["--prompts-file", "{bad}"], "bad.jsonl:2: field \"prompt\" must be a non-empty string, got 5"),
+    (["--prompts-file", "{empty}"], "empty.jsonl:1: field \"prompt\" must be a non-empty string"),
+    (["--prompt", "hi", "--block-size", "0"], "block_size must be >= 2, got 0"),
+    (["--prompt", "hi", "--max-len", "0"], "max_len must be in 1..4096"),
+    (["--prompt", "hi", "--max-len", "100000"], "max_len must be in 1..4096"),
 ])
-def test_errors_one_line(model_dir, capsys, args, message):
+def test_errors_one_line(model_dir, tmp_path, capsys, args, message):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": 5}\n')
+    (tmp_path / "empty.jsonl").write_text('{"prompt": ""}\n')
+    args = [a.format(bad=tmp_path / "bad.jsonl", empty=tmp_path / "empty.jsonl") for a in args]
     rc = cli.main(["--model", model_dir, *args])
     _, err = capsys.readouterr()
     assert rc == 2
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_chat_template_exception_is_one_line(model_dir, tmp_path, capsys):
+    """A template that calls raise_exception (as Qwen3's does on bad roles) ends in one line."""
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dir, d)
+    cfg_path = d / "tokenizer_config.json"
+    cfg_path.chmod(0o644)
+    tok_cfg = json.loads(cfg_path.read_text())
+    tok_cfg["chat_template"] = "{{ raise_exception('System role not supported') }}"
+    cfg_path.write_text(json.dumps(tok_cfg))
+    assert cli.main(["--model", str(d), "--prompt", "hi", "--chat"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"error: {d}: the chat template failed: System role not supported"
+
+
+def test_sampling_flags_ignored_when_greedy(model_dir, capsys):
+    """--top-p 0 and --top-k -1 are sampling filters; greedy decoding ignores them (as --help says)."""
+    assert cli.main(["--model", model_dir, "--prompt", "x = 1", "--max-new-tokens", "4",
+                     "--top-p", "0", "--top-k", "-1", "--no-stream"]) == 0
+    capsys.readouterr()
 
 
 def test_missing_model_dir_subprocess(tmp_path):
@@ -95,5 +126,6 @@ def test_help_mentions_every_flag():
     helptext = cli.build_parser().format_help()
     for flag in ("--model", "--prompt", "--prompts-file", "--chat", "--max-new-tokens",
                  "--temperature", "--top-k", "--top-p", "--seed", "--mode", "--block-size",
-                 "--batch-size", "--json", "--dtype"):
+                 "--batch-size", "--json", "--dtype", "--max-len", "--no-stream", "--system",
+                 "--enable-thinking"):
         assert flag in helptext
