@@ -7,6 +7,8 @@ import json
 import os
 import platform
 import shlex
+import shutil
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -26,6 +28,20 @@ PEAK_BF16_FLOPS = {
 }
 
 
+class UsageError(Exception):
+    """A bad request found after parsing (missing data, too few prompts): one line, exit 2."""
+
+
+def run_main(parser: argparse.ArgumentParser, run: Callable[[argparse.Namespace], Any],
+             argv: Sequence[str] | None = None) -> Any:
+    """parse_with_command, then run(args); a UsageError becomes `PROG: error: MESSAGE`, exit 2."""
+    args = parse_with_command(parser, argv)
+    try:
+        return run(args)
+    except UsageError as err:
+        parser.error(str(err))
+
+
 def parse_with_command(parser: argparse.ArgumentParser,
                        argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse argv (default: the process's) and keep the exact command, `prog` plus those
@@ -41,7 +57,8 @@ def machine_info() -> dict[str, Any]:
     info = {
         "host": platform.node(), "platform": platform.platform(), "processor": platform.processor(),
         "python": platform.python_version(), "cpu_count": os.cpu_count(),
-        "jax": jax.__version__, "backend": dev.platform, "device_kind": dev.device_kind,
+        "jax": jax.__version__, "jaxlib": _jaxlib_version(),
+        "backend": dev.platform, "device_kind": dev.device_kind,
         "device_count": jax.device_count(),
     }
     try:
@@ -55,11 +72,62 @@ def machine_info() -> dict[str, Any]:
             info["cpu_model"] = names[0]
     except OSError:
         pass
-    try:
-        info["load_avg"] = [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        pass
+    load = load_avg()
+    if load is not None:
+        info["load_avg"] = load
+    if dev.platform == "gpu":
+        info.update(gpu_info(dev))
     return info
+
+
+def _jaxlib_version() -> str | None:
+    try:
+        import jaxlib
+        return jaxlib.__version__
+    except (ImportError, AttributeError):
+        return None
+
+
+def load_avg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, or None where the OS has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def gpu_info(dev: Any) -> dict[str, Any]:
+    """What is cheaply known about the GPU stack; every field is optional (never raises)."""
+    out: dict[str, Any] = {}
+    try:
+        out["platform_version"] = dev.client.platform_version  # e.g. "cuda 12080"
+    except Exception:  # noqa: BLE001 - best effort
+        pass
+    try:
+        from jax._src.lib import cuda_versions  # private; None on CPU/ROCm builds
+        if cuda_versions is not None:
+            out["cuda_runtime"] = cuda_versions.cuda_runtime_get_version()
+            out["cudnn"] = cuda_versions.cudnn_get_version()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        stats = dev.memory_stats() or {}
+        if "bytes_limit" in stats:
+            out["device_memory_limit_bytes"] = int(stats["bytes_limit"])
+    except Exception:  # noqa: BLE001
+        pass
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            got = subprocess.run(
+                [smi, "--query-gpu=name,driver_version,memory.total,clocks.max.sm",
+                 "--format=csv,noheader"], capture_output=True, text=True, timeout=20, check=True)
+            line = got.stdout.strip().splitlines()[0]
+            name, driver, mem, clock = [x.strip() for x in line.split(",")]
+            out.update(nvidia_smi_name=name, driver=driver, gpu_memory=mem, max_sm_clock=clock)
+        except Exception:  # noqa: BLE001
+            pass
+    return out
 
 
 def peak_flops(device_kind: str) -> float | None:
@@ -89,16 +157,25 @@ def result_path(out_dir: str, kind: str, file_stamp: str, ext: str) -> str:
 
 
 def write_record(out_dir: str, kind: str, record: dict[str, Any],
-                 markdown: Callable[[dict[str, Any]], str], extra: tuple[str, ...] = ()) -> dict[str, str]:
-    """Write RECORD as KIND-STAMP.json and its markdown table as KIND-STAMP.md; returns the paths
-    (also stored in record["files"]), with a path reserved for each extra extension (e.g. png)."""
+                 markdown: Callable[[dict[str, Any]], str],
+                 chart: Callable[[str], None] | None = None) -> dict[str, str]:
+    """Write RECORD as KIND-STAMP.json, its markdown as KIND-STAMP.md and, given chart (which
+    draws a PNG at the path it is given) and where matplotlib is installed, KIND-STAMP.png.
+    Also stamps record["load_avg_end"]. Returns the paths (also stored in record["files"])."""
     files = {"json": result_path(out_dir, kind, record["stamp"], "json"),
              "markdown": result_path(out_dir, kind, record["stamp"], "md")}
-    files.update({ext: result_path(out_dir, kind, record["stamp"], ext) for ext in extra})
+    if chart is not None:
+        if have_matplotlib():
+            files["png"] = result_path(out_dir, kind, record["stamp"], "png")
+        else:
+            record["png_skipped"] = "matplotlib is not installed"
     record["files"] = files
+    record["load_avg_end"] = load_avg()
     write_json(files["json"], record)
     with open(files["markdown"], "w") as f:
         f.write(markdown(record))
+    if "png" in files:
+        chart(files["png"])
     return files
 
 
@@ -134,8 +211,56 @@ def md_preamble(title: str, record: dict[str, Any]) -> str:
     m = record["machine"]
     machine = (f"{m['backend']} ({m['device_kind']}), {m.get('cpu_model', m['processor'])}, "
                f"{m.get('cpu_affinity', m['cpu_count'])} cores, host {m['host']}, jax {m['jax']}")
+    if m.get("driver") or m.get("cuda_runtime"):
+        machine += f", CUDA runtime {m.get('cuda_runtime', '?')}, driver {m.get('driver', '?')}"
+
+    def load(v: Any) -> str:
+        return "n/a" if not v else " / ".join(f"{x:.2f}" for x in v)
+
     return (f"# {title}\n\n- date: {record['date']}\n- machine: {machine}\n"
+            f"- load average (1 / 5 / 15 min): {load(m.get('load_avg'))} at the start, "
+            f"{load(record.get('load_avg_end'))} at the end\n"
             f"- command: `{record['command']}`\n")
+
+
+def device_label(machine: dict[str, Any]) -> str:
+    """"cpu", or "gpu NVIDIA H100 80GB HBM3": for chart titles."""
+    b, k = machine["backend"], machine["device_kind"]
+    return b if k == b else f"{b} {k}"
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def bar_chart(path: str, groups: Sequence[str], series: dict[str, Sequence[float]], *,
+              xlabel: str, ylabel: str, title: str, log: bool = False) -> None:
+    """Grouped bars, one colour per series, value labels; saved as a PNG at path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 1.6 + 1.5 * len(groups))), 4.2))
+    width = 0.8 / len(series)
+    x = np.arange(len(groups))
+    for j, (label, vals) in enumerate(series.items()):
+        bars = ax.bar(x + (j - (len(series) - 1) / 2) * width, vals, width, label=label)
+        ax.bar_label(bars, fmt="%.0f" if max(vals, default=0) >= 10 else "%.3g", fontsize=7)
+    ax.set_xticks(x, list(groups))
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.set_title(title, fontsize=9)
+    if log:
+        ax.set_yscale("log")
+    lo, hi = ax.get_ylim()
+    ax.set_ylim(lo, hi * 8 if log else hi * 1.25)  # headroom for the legend and labels
+    ax.legend(fontsize=8, loc="upper left", ncol=len(series))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def target(name: str, value: float | None, threshold: float | None, detail: str) -> dict[str, Any]:

@@ -10,7 +10,10 @@ max_new_tokens and EOS ids: the HF peer (`AutoModelForCausalLM.generate`, greedy
 `generate(mode="orthrus")`. Every (engine, batch size) is warmed up first on one batch per
 compiled shape, then the whole prompt set is timed (best of --repeats); tokens/s = new tokens
 (up to and including EOS) / wall seconds, prefill included, compile excluded. Greedy outputs are
-compared token for token (Orthrus vs our AR vs HF). Writes decode-<stamp>.{json,md,png}.
+compared token for token (Orthrus vs our AR vs HF). The HF peer runs on torch's default thread
+count unless --torch-threads N; the count used and the load average at the start and the end of
+the run are recorded (torch on a few shared cores is sensitive to other load). --num-prompts must
+be at least the largest batch size. Writes decode-<stamp>.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -51,7 +54,8 @@ def load_prompts(path: str, tokenizer_file: str, num_prompts: int, max_prompt_to
             if ids:
                 out.append(ids[-max_prompt_tokens:])
     if len(out) < num_prompts:
-        raise SystemExit(f"{path}: only {len(out)} non-empty prompts, {num_prompts} requested")
+        raise common.UsageError(f"{path}: only {len(out)} non-empty prompts, --num-prompts "
+                                f"{num_prompts} requested")
     return out
 
 
@@ -70,7 +74,7 @@ def find_tokenizer(*dirs: str) -> str:
         p = os.path.join(d, "tokenizer.json")
         if os.path.exists(p):
             return p
-    raise SystemExit(f"no tokenizer.json in any of {dirs}")
+    raise common.UsageError(f"no tokenizer.json in any of {dirs}; give --tokenizer")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -80,10 +84,12 @@ def find_tokenizer(*dirs: str) -> str:
 class HFPeer:
     """Batched HF generate over token-id prompts (left padding), fp32 on CPU."""
 
-    def __init__(self, hf_dir: str, dtype: str = "float32"):
+    def __init__(self, hf_dir: str, dtype: str = "float32", threads: int | None = None):
         import torch
         from transformers import AutoModelForCausalLM
 
+        if threads:
+            torch.set_num_threads(threads)
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype))
         self.model.eval()
@@ -240,33 +246,20 @@ def check_targets(rows, rat, batch_sizes) -> list[dict[str, Any]]:
 
 
 def plot(path: str, rows, batch_sizes, engines, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.6 + 1.5 * len(batch_sizes), 4.2))
-    width = 0.8 / len(engines)
-    x = np.arange(len(batch_sizes))
-    for j, e in enumerate(engines):
-        vals = [rows[(e, b)]["tokens_per_s"] if (e, b) in rows else 0.0 for b in batch_sizes]
-        bars = ax.bar(x + (j - (len(engines) - 1) / 2) * width, vals, width, label=LABELS[e])
-        ax.bar_label(bars, fmt="%.0f", fontsize=7)
-    ax.set_xticks(x, [str(b) for b in batch_sizes])
-    ax.set(xlabel="batch size", ylabel="tokens/s (new tokens, prefill included)", yscale="log",
-           title=title)
-    lo, hi = ax.get_ylim()
-    ax.set_ylim(lo, hi * 8)  # headroom for the legend and labels
-    ax.legend(fontsize=8, loc="upper left", ncol=len(engines))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.bar_chart(
+        path, [str(b) for b in batch_sizes],
+        {LABELS[e]: [rows[(e, b)]["tokens_per_s"] if (e, b) in rows else 0.0
+                     for b in batch_sizes] for e in engines},
+        xlabel="batch size", ylabel="tokens/s (new tokens, prefill included)", title=title,
+        log=True)
 
 
 def markdown(record: dict[str, Any]) -> str:
     a = record["args"]
     lines = [common.md_preamble("Decode benchmark: HF generate vs ours (AR) vs Orthrus", record),
              f"- model: `{a['model']}` (dtype {a['dtype']}), HF peer: `{a['hf_dir']}` "
-             f"(torch {record.get('torch', '?')}, {record.get('torch_threads', '?')} threads)",
+             f"(torch {record.get('torch', '?')}, {record.get('torch_threads', '?')} threads, "
+             f"{record.get('torch_threads_source', '?')})",
              f"- {a['num_prompts']} prompts from `{a['prompts']}` (last <= {a['max_prompt_tokens']}"
              f" tokens, mean {record['prompt_tokens_mean']:.0f}), max_new_tokens "
              f"{a['max_new_tokens']}, temperature {a['temperature']}, block size K = "
@@ -301,8 +294,21 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    record = common.header("decode", args)
-    batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+    try:
+        batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
+    except ValueError:
+        raise common.UsageError(f"--batch-sizes {args.batch_sizes!r}: give comma-separated "
+                                f"integers, e.g. 1,4,8") from None
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise common.UsageError(f"--batch-sizes {args.batch_sizes!r}: sizes must be >= 1")
+    if args.num_prompts < max(batch_sizes):
+        raise common.UsageError(
+            f"--num-prompts {args.num_prompts} is smaller than the largest of --batch-sizes "
+            f"{args.batch_sizes}: a batch would hold fewer rows than its label; give at least "
+            f"{max(batch_sizes)} prompts or drop the larger sizes")
+    if args.torch_threads is not None and args.torch_threads < 1:
+        raise common.UsageError(f"--torch-threads {args.torch_threads}: give N >= 1")
+    record = common.header("decode", args)  # machine, load average at the start
     engines = [e for e in ENGINES if e in args.engines.split(",")]
     cfg, params = load_ours(args.model, args.dtype)
     eos_ids = tuple(cfg.eos_token_ids) if args.eos is None else tuple(
@@ -311,10 +317,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.pad_id = eos_ids[0] if eos_ids else 0
     prompts = load_prompts(args.prompts, args.tokenizer or find_tokenizer(args.model, args.hf_dir),
                            args.num_prompts, args.max_prompt_tokens)
-    hf = HFPeer(args.hf_dir, args.dtype) if "hf" in engines else None
+    hf = HFPeer(args.hf_dir, args.dtype, args.torch_threads) if "hf" in engines else None
     if hf is not None:
         import torch
-        record.update(torch=torch.__version__, torch_threads=torch.get_num_threads())
+        record.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                      torch_threads_source="--torch-threads" if args.torch_threads
+                      else "torch default")
         import transformers
         record["transformers"] = transformers.__version__
     record.update(batch_sizes=batch_sizes, engines=engines, eos_ids=list(eos_ids),
@@ -340,12 +348,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                  if args.temperature == 0 else None)
     record.update(runs=runs, ratios={str(b): r for b, r in rat.items()}, match=match,
                   all_outputs_match=all_match, targets=targets)
-    files = common.write_record(args.out_dir, "decode", record, markdown, extra=("png",))
-    jpath, mpath, ppath = files["json"], files["markdown"], files["png"]
-    m = record["machine"]
-    device = m["backend"] if m["device_kind"] == m["backend"] else f"{m['backend']} {m['device_kind']}"
-    plot(ppath, rows, batch_sizes, engines,
-         f"decode tokens/s, {os.path.normpath(args.model)}, {device}, {record['date'][:10]}")
+    title = (f"decode tokens/s, {os.path.normpath(args.model)}, "
+             f"{common.device_label(record['machine'])}, {record['date'][:10]}")
+    files = common.write_record(args.out_dir, "decode", record, markdown,
+                                chart=lambda path: plot(path, rows, batch_sizes, engines, title))
 
     print("\nratios (tokens/s):")
     for b in batch_sizes:
@@ -360,7 +366,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"  batch {b} {k}: {v['match']}/{v['of']} match, first mismatches "
                           f"{v['mismatches'][:3]}")
     common.print_targets(targets)
-    print(f"wrote {jpath}, {mpath}, {ppath}")
+    print(f"wrote {', '.join(files.values())}")
     return record
 
 
@@ -391,12 +397,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eos", default=None, help="comma-separated EOS ids (default: model config)")
     p.add_argument("--pad-id", type=int, default=None, help="HF pad id (default: first EOS)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per config; best is kept")
+    p.add_argument("--torch-threads", type=int, default=None, metavar="N",
+                   help="torch.set_num_threads(N) for the HF peer (default: torch's own default; "
+                        "the count used is recorded)")
     p.add_argument("--out-dir", default=common.DEFAULT_OUT_DIR)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return run(common.parse_with_command(build_parser(), argv))
+    return common.run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

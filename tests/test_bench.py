@@ -3,12 +3,28 @@
 No timing assertions: only that the scripts run, greedy outputs match and the files exist.
 """
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
+import numpy as np
 import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# bench.train --shape on a tiny shape: 1 row of 64 tokens, 4 anchors of K 8, fp32, one device
+TRAIN_TINY = ["--shape", "tiny", "--warmup", "1", "--steps", "2", "--set", "seq_len=64",
+              "anchors_per_row=4", "block_size=8", "global_batch=1", "grad_accum=1",
+              "compute_dtype=float32", "remat=false", "mesh_fsdp=1"]
 
 
 def _files(record):
     return [record["files"][k] for k in sorted(record["files"])]
+
+
+def _load(tmp_path, record, kind):
+    return (tmp_path / os.path.basename(record["files"][kind])).read_text()
 
 
 def test_bench_gpu_tiny(tmp_path):
@@ -34,7 +50,8 @@ def test_bench_gpu_refuses_real_shapes_without_gpu(tmp_path, capsys):
     with pytest.raises(SystemExit) as err:
         gpu.main(["--shape", "qwen3-1.7b", "--out-dir", str(tmp_path)])
     assert err.value.code == 2
-    assert "no GPU" in capsys.readouterr().err
+    err_text = capsys.readouterr().err.strip()
+    assert "no GPU" in err_text and len(err_text.splitlines()) == 1
     assert not list(tmp_path.iterdir())
 
 
@@ -45,13 +62,31 @@ def test_bench_decode_smoke(tmp_path, micro_model_dir):
     rec = decode.main(["--model", str(micro_model_dir), "--hf-dir", str(micro_model_dir),
                        "--prompts", str(prompts), "--num-prompts", "2",
                        "--max-new-tokens", "8", "--max-prompt-tokens", "16", "--block-size", "8",
-                       "--batch-sizes", "1", "--out-dir", str(tmp_path)])
+                       "--batch-sizes", "1", "--torch-threads", "1", "--out-dir", str(tmp_path)])
     assert rec["all_outputs_match"] is True
     assert {(r["engine"], r["batch_size"]) for r in rec["runs"]} == {
         ("hf", 1), ("ar", 1), ("orthrus", 1)}
     assert all(r["tokens"] > 0 for r in rec["runs"])
     assert [t["status"] for t in rec["targets"]][2] == "SKIP"  # batch 8 not run
+    assert rec["torch_threads"] == 1 and rec["torch_threads_source"] == "--torch-threads"
+    assert len(rec["machine"]["load_avg"]) == 3 and len(rec["load_avg_end"]) == 3
+    assert sorted(rec["files"]) == ["json", "markdown", "png"]
     for f in _files(rec):
-        assert (tmp_path / f.split("/")[-1]).exists()
-    md = (tmp_path / rec["files"]["markdown"].split("/")[-1]).read_text()
+        assert (tmp_path / os.path.basename(f)).exists()
+    md = _load(tmp_path, rec, "markdown")
     assert "python -m" in md and rec["date"] in md
+    assert "1 threads, --torch-threads" in md and "at the start" in md and "at the end" in md
+
+
+def test_bench_decode_refuses_fewer_prompts_than_batch(tmp_path, capsys):
+    from bench import decode
+
+    with pytest.raises(SystemExit) as err:
+        decode.main(["--num-prompts", "2", "--batch-sizes", "1,4", "--out-dir", str(tmp_path)])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err.strip()
+    assert len(msg.splitlines()) == 1
+    assert "--num-prompts 2" in msg and "--batch-sizes 1,4" in msg
+    assert not list(tmp_path.iterdir())
+
+
