@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -18,14 +19,23 @@ import numpy as np
 
 DEFAULT_OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
-# Dense peak FLOP/s by accelerator name fragment (bf16 tensor cores; fp32 non-tensor in brackets is
-# far lower, so MFU is only reported for bf16 compute). Sources: NVIDIA and Google datasheets.
-PEAK_BF16_FLOPS = {
-    "h200": 989e12, "h100": 989e12, "h800": 989e12, "gh200": 989e12, "b200": 2250e12,
-    "a100": 312e12, "a800": 312e12, "l40s": 362e12, "l4": 121e12, "a10": 125e12,
-    "rtx 4090": 165e12, "rtx 5090": 209e12, "tpu v4": 275e12, "tpu v5 lite": 197e12,
-    "tpu v5e": 197e12, "tpu v5p": 459e12, "tpu v6": 918e12,
+# Dense (no sparsity) tensor-core peak FLOP/s for bf16/fp16 matmuls, per device, keyed by the
+# words of jax's device_kind (e.g. "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe"
+# the PCIe one); the most specific key whose words all occur wins. Sources: NVIDIA and Google
+# datasheets. No float32 peaks: XLA may run float32 matmuls as TF32 or as full fp32
+# (jax_default_matmul_precision), whose peaks differ ~8x, so MFU is n/a for float32 compute.
+PEAK_BF16_FLOPS: dict[tuple[str, ...], float] = {
+    ("h100",): 989e12, ("h100", "pcie"): 756e12, ("h100", "nvl"): 835e12,
+    ("h200",): 989e12, ("h200", "nvl"): 835e12, ("gh200",): 989e12,
+    ("h800",): 989e12, ("h800", "pcie"): 756e12, ("h20",): 148e12, ("b200",): 2250e12,
+    ("a100",): 312e12, ("a800",): 312e12, ("a10",): 125e12,
+    ("l40s",): 362e12, ("l40",): 181e12, ("l4",): 121e12,
+    ("rtx", "4090"): 165e12, ("rtx", "5090"): 209e12,
+    ("tpu", "v4"): 275e12, ("tpu", "v5", "lite"): 197e12, ("tpu", "v5e"): 197e12,
+    ("tpu", "v5"): 459e12, ("tpu", "v5p"): 459e12, ("tpu", "v6", "lite"): 918e12,
+    ("tpu", "v6e"): 918e12,
 }
+PEAK_DTYPES = ("bfloat16", "float16")  # dtypes PEAK_BF16_FLOPS applies to
 
 
 class UsageError(Exception):
@@ -130,12 +140,19 @@ def gpu_info(dev: Any) -> dict[str, Any]:
     return out
 
 
-def peak_flops(device_kind: str) -> float | None:
-    kind = device_kind.lower()
-    for name in sorted(PEAK_BF16_FLOPS, key=len, reverse=True):
-        if name in kind:
-            return PEAK_BF16_FLOPS[name]
-    return None
+def peak_flops(device_kind: str, dtype: str, backend: str = "gpu") -> tuple[float | None, str]:
+    """(dense peak FLOP/s of one device for matmuls in dtype, source or reason it is unknown)."""
+    if backend == "cpu":
+        return None, "no accelerator peak (CPU)"
+    words = set(re.findall(r"[a-z0-9]+", device_kind.lower()))
+    keys = [k for k in PEAK_BF16_FLOPS if set(k) <= words]
+    if not keys:
+        return None, f"no peak known for device {device_kind!r}"
+    key = max(keys, key=len)
+    if dtype not in PEAK_DTYPES:
+        return None, (f"no {dtype} peak: XLA may run {dtype} matmuls on tensor cores (TF32) or "
+                      f"not, so MFU is only given for {'/'.join(PEAK_DTYPES)} compute")
+    return PEAK_BF16_FLOPS[key], f"dense bf16 peak of {' '.join(key)}"
 
 
 def stamp() -> tuple[str, str]:

@@ -6,25 +6,30 @@
 
 With --config, the trainer is train.run.build(config) (model, data pipeline, mesh, optimizer, the
 jitted train.step.make_train_step), its checkpoints redirected to a temporary directory; batches
-come from the config's data_dir. With --shape, the same step runs on random weights at a Qwen3
-shape (bench.gpu.SHAPES) and synthetic rows (all positions supervised, anchors from
-train.data.sample_anchors). After --warmup steps (compile), --steps steps are timed one by one.
-tokens/s = global_batch * seq_len / step seconds, as train.run logs it.
+come from the config's data_dir (made by `python -m train.make_data`). With --shape, the same step
+runs on random weights at a Qwen3 shape (bench.gpu.SHAPES; backbone initialised in the compute
+dtype, _diff twins in fp32) and synthetic rows (all positions supervised, anchors drawn as
+train.data.sample_anchors draws them); that path imports nothing from grain, orbax or the data
+pipeline: jax, flax, optax and numpy suffice (matplotlib only for the PNG, skipped without it).
+After --warmup steps (compile), --steps steps are timed one by one. tokens/s = global_batch *
+seq_len / step seconds, as train.run logs it.
 
-MFU = model FLOPs per token x tokens/s / the device's dense bf16 peak (only on GPU/TPU). Model
-FLOPs per row token (matmuls 2 per multiply-add; causal attention at half the scores; recompute
-from remat not counted):
+MFU = model FLOPs per token x tokens/s / (devices x the device's dense peak for the compute
+dtype); bf16/fp16 peaks only (bench.common.PEAK_BF16_FLOPS, matched on the device_kind's words),
+otherwise n/a with the reason recorded. Model FLOPs per row token (matmuls 2 per multiply-add;
+causal attention at half the scores; recompute from remat not counted):
   AR teacher pass   2 P + 2 L q_dim S                    (P: matmul params per token incl. head)
   diffusion pass    r (2 P + 4 L q_dim (S/2 + K))        (r = anchors x K / S block tokens per row token)
   backward          r (2 P + 8 L q_dim (S/2 + K) + 2 P_diff)   (input grads through every layer,
                                                           weight grads for the _diff twins only)
-Writes train-<stamp>.{json,md}.
+Writes train-<stamp>.{json,md,png} (PNG: tokens/s of each timed step).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import functools
+import os
 import shutil
 import statistics
 import tempfile
@@ -77,9 +82,27 @@ def _mesh_context(mesh):
     return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
 
 
+DATA_FILES = ("tokens.npy", "mask.npy", "offsets.npy")  # what train.make_data writes
+
+
+def check_data_dir(tcfg) -> None:
+    """UsageError, naming data_dir and the command that makes it, unless the data exists."""
+    missing = [f for f in DATA_FILES if not os.path.exists(os.path.join(tcfg.data_dir, f))]
+    if tcfg.data_dir and not missing:
+        return
+    where = (f"data_dir {tcfg.data_dir!r} has no {missing[0]}" if tcfg.data_dir
+             else "the config sets no data_dir")
+    raise common.UsageError(
+        f"{where}; make the data first: python -m train.make_data --model "
+        f"{tcfg.model_dir or 'MODEL_DIR'} --prompts PROMPTS.jsonl --out "
+        f"{tcfg.data_dir or 'DATA_DIR'} (or time random weights with --shape)")
+
+
 def from_config(tcfg) -> Bench:
     """The trainer of train.run.build, its checkpoint manager pointed at a temporary directory."""
     from train.run import build
+
+    check_data_dir(tcfg)
 
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     tr = build(dataclasses.replace(tcfg, out_dir=tmp))
@@ -93,24 +116,39 @@ def from_config(tcfg) -> Bench:
                  cleanup)
 
 
+def synthetic_anchors(rng: np.random.Generator, num: int, seq_len: int, block_size: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """train.data.sample_anchors for a row supervised at every position but 0 (same draws from
+    the same rng), without importing train.data (which needs grain): up to num sorted anchors,
+    without replacement, in 1 <= a <= L - K; missing slots are anchor 1, invalid."""
+    cand = np.arange(1, seq_len - block_size + 1)
+    take = min(num, cand.size)
+    anchors, valid = np.ones(num, np.int32), np.zeros(num, bool)
+    if take:
+        anchors[:take] = np.sort(rng.choice(cand, size=take, replace=False))
+        valid[:take] = True
+    return anchors, valid
+
+
 def from_shape(tcfg, shape: str) -> Bench:
-    """Random weights at a bench.gpu shape; the same optimizer and step as train.run.build."""
+    """Random weights at a bench.gpu shape; the same optimizer and step as train.run.build.
+
+    The backbone is initialised directly in the compute dtype (Qwen3-8B: 16 GB in bf16, not 33 GB
+    in fp32 first); the trainable _diff twins are then cast to fp32 masters, as train.run holds
+    them."""
     from bench.gpu import SHAPES
     from orthrus_jax import sharding as shd
     from orthrus_jax.params import init_params, split_params
-    from train.data import sample_anchors
     from train.step import LossOptions, make_optimizer, make_train_step
 
     model_cfg = dataclasses.replace(SHAPES[shape], block_size=tcfg.block_size)
     mesh = shd.make_mesh(tcfg.mesh_data, tcfg.mesh_fsdp, tcfg.mesh_tensor)
     dt = jnp.dtype(tcfg.compute_dtype)
-    params = jax.jit(functools.partial(init_params, model_cfg, dtype=jnp.float32))(
-        jax.random.PRNGKey(tcfg.seed))
-    backbone, trainable = split_params(params)
-    backbone = jax.device_put(jax.tree_util.tree_map(lambda x: x.astype(dt), backbone),
-                              shd.param_shardings(backbone, mesh))
+    backbone, trainable = split_params(jax.jit(functools.partial(init_params, model_cfg, dtype=dt))(
+        jax.random.PRNGKey(tcfg.seed)))
+    backbone = jax.device_put(backbone, shd.param_shardings(backbone, mesh))
+    trainable = jax.tree_util.tree_map(lambda x: x.astype(jnp.float32), trainable)
     trainable = jax.device_put(trainable, shd.param_shardings(trainable, mesh))
-    del params
     optimizer = make_optimizer(tcfg.b1, tcfg.b2, tcfg.weight_decay, tcfg.clip_norm)
     opt_state = jax.jit(optimizer.init)(trainable)
     opt_state = jax.device_put(opt_state, shd.state_shardings(opt_state, trainable, mesh))
@@ -124,7 +162,8 @@ def from_shape(tcfg, shape: str) -> Bench:
             tokens = rng.integers(1, model_cfg.vocab_size - 1, (n, s)).astype(np.int32)
             mask = np.ones((n, s), np.int32)
             mask[:, 0] = 0
-            anc = [sample_anchors(m, tcfg.anchors_per_row, tcfg.block_size, rng) for m in mask]
+            anc = [synthetic_anchors(rng, tcfg.anchors_per_row, s, tcfg.block_size)
+                   for _ in range(n)]
             yield {"tokens": tokens, "mask": mask,
                    "anchors": np.stack([a for a, _ in anc]),
                    "anchor_valid": np.stack([v for _, v in anc])}
@@ -177,30 +216,63 @@ def markdown(record: dict[str, Any]) -> str:
              f"(accum {tc['grad_accum']}), compute {tc['compute_dtype']}, remat {tc['remat']}",
              f"- {t['steps']} timed steps after {t['warmup_steps']} warm-up ({t['warmup_s']:.1f} s)",
              "- model FLOPs per token: AR teacher + diffusion forward + backward (input grads "
-             "through all layers, weight grads for the _diff twins); remat recompute not counted\n"]
+             "through all layers, weight grads for the _diff twins); remat recompute not counted",
+             f"- peak: {record['peak_source']}\n"]
     lines.append(common.md_table(
         ["step s (median)", "tokens/step", "tokens/s", "GFLOP/token", "TFLOP/s", "peak TFLOP/s",
          "MFU"],
         [[t["step_s_median"], t["tokens_per_step"], t["tokens_per_s"], fl["total"] / 1e9,
           record["achieved_flops"] / 1e12,
           None if record["peak_flops"] is None else record["peak_flops"] / 1e12,
-          None if record["mfu"] is None else f"{100 * record['mfu']:.1f} %"]]))
+          "n/a" if record["mfu"] is None else f"{100 * record['mfu']:.1f} %"]]))
     return "\n".join(lines) + "\n"
+
+
+def plot(path: str, record: dict[str, Any]) -> None:
+    t = record["timing"]
+    common.bar_chart(
+        path, [str(i + 1) for i in range(t["steps"])],
+        {"tokens/s": [t["tokens_per_step"] / dt for dt in t["step_s"]]},
+        xlabel="timed step", ylabel="row tokens/s",
+        title=(f"train tokens/s per timed step (median {t['tokens_per_s']:.0f})\n"
+               f"{record['model']}, {common.device_label(record['machine'])}, "
+               f"{record['date'][:10]}"))
+
+
+def mfu(achieved: float, machine: dict[str, Any], dtype: str, n: int) -> dict[str, Any]:
+    """{"peak_flops": n devices (the mesh's) x per-device peak or None, "peak_source": where
+    from / why not, "mfu": achieved / peak or None}."""
+    peak, source = common.peak_flops(machine["device_kind"], dtype, machine["backend"])
+    if peak is None:
+        return {"peak_flops": None, "peak_source": source, "mfu": None}
+    return {"peak_flops": peak * n, "peak_source": f"{n} x {peak / 1e12:.0f} TFLOP/s, {source}",
+            "mfu": achieved / (peak * n)}
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from train.config import load_config
 
+    if not args.shape and not args.config and not args.set:
+        raise common.UsageError("give --config (real model and data) or --shape (random weights)")
+    if args.steps < 1 or args.warmup < 0:
+        raise common.UsageError(f"--steps {args.steps} / --warmup {args.warmup}: need steps >= 1 "
+                                f"and warmup >= 0")
+    try:
+        tcfg = load_config(args.config, args.set)
+    except (OSError, ValueError, TypeError) as err:
+        raise common.UsageError(f"config: {' '.join(str(err).split())}") from None
+    if args.shape:
+        from bench.gpu import SHAPES
+
+        if args.shape not in SHAPES:
+            raise common.UsageError(f"--shape {args.shape!r}: choose from {sorted(SHAPES)}")
     record = common.header("train", args)
-    tcfg = load_config(args.config, args.set)
     if args.shape:
         if not tcfg.model_dir:
             tcfg = dataclasses.replace(tcfg, model_dir=f"random:{args.shape}")
         b = from_shape(tcfg, args.shape)
         model = f"random weights, {args.shape} shape"
     else:
-        if not args.config and not args.set:
-            raise SystemExit("bench.train: give --config (real model and data) or --shape")
         b = from_config(tcfg)
         model = tcfg.model_dir
     try:
@@ -209,22 +281,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if b.cleanup is not None:
             b.cleanup()
     fl = flops_per_token(b.model_cfg, tcfg.seq_len, tcfg.anchors_per_row, tcfg.block_size)
-    m = record["machine"]
-    peak = None if m["backend"] == "cpu" else common.peak_flops(m["device_kind"])
-    if peak is not None:
-        peak *= jax.device_count()
     achieved = fl["total"] * timing["tokens_per_s"]
     record.update(model=model, model_config=dataclasses.asdict(b.model_cfg),
                   train_config=dataclasses.asdict(tcfg), timing=timing, flops_per_token=fl,
-                  achieved_flops=achieved, peak_flops=peak,
-                  mfu=None if peak is None else achieved / peak)
-    files = common.write_record(args.out_dir, "train", record, markdown)
-    jpath, mpath = files["json"], files["markdown"]
-    mfu = "n/a (no accelerator peak)" if record["mfu"] is None else f"{100 * record['mfu']:.1f} %"
+                  achieved_flops=achieved, mesh_devices=b.mesh.devices.size,
+                  **mfu(achieved, record["machine"], tcfg.compute_dtype, b.mesh.devices.size))
+    files = common.write_record(args.out_dir, "train", record, markdown,
+                                chart=lambda path: plot(path, record))
+    util = ("n/a (" + record["peak_source"] + ")" if record["mfu"] is None
+            else f"{100 * record['mfu']:.1f} %")
     print(f"train step {timing['step_s_median']:.3f} s median over {args.steps}, "
           f"{timing['tokens_per_s']:.0f} tokens/s, {fl['total'] / 1e9:.3g} GFLOP/token, "
-          f"{achieved / 1e12:.3g} TFLOP/s, MFU {mfu}")
-    print(f"wrote {jpath}, {mpath}")
+          f"{achieved / 1e12:.3g} TFLOP/s, MFU {util}")
+    print(f"wrote {', '.join(files.values())}")
     return record
 
 
@@ -244,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    return run(common.parse_with_command(build_parser(), argv))
+    return common.run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -90,3 +90,109 @@ def test_bench_decode_refuses_fewer_prompts_than_batch(tmp_path, capsys):
     assert not list(tmp_path.iterdir())
 
 
+def test_bench_train_tiny_smoke(tmp_path):
+    from bench import train
+
+    argv = [*TRAIN_TINY, "--out-dir", str(tmp_path)]
+    rec = train.main(argv)
+    assert rec["timing"]["steps"] == 2 and len(rec["timing"]["step_s"]) == 2
+    assert rec["timing"]["tokens_per_s"] > 0 and np.isfinite(rec["timing"]["last_loss"])
+    assert rec["mfu"] is None and "CPU" in rec["peak_source"]
+    assert sorted(rec["files"]) == ["json", "markdown", "png"]
+    for f in _files(rec):
+        assert (tmp_path / os.path.basename(f)).exists()
+    command = "python -m bench.train " + " ".join(argv)
+    assert json.loads(_load(tmp_path, rec, "json"))["command"] == command
+    assert f"`{command}`" in _load(tmp_path, rec, "markdown")
+
+
+def test_bench_train_shape_path_needs_no_grain(tmp_path):
+    """--shape imports nothing from grain, orbax or the data pipeline (absent on a bare GPU
+    machine); with matplotlib absent too, the PNG is skipped and the run still succeeds."""
+    blocked = ["grain", "orbax", "tqdm", "torch", "transformers", "tokenizers", "matplotlib"]
+    code = textwrap.dedent(f"""
+        import importlib.abc, sys
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in {blocked!r}:
+                    raise ModuleNotFoundError("blocked: " + name, name=name)
+        sys.meta_path.insert(0, Block())
+        from bench import train
+        rec = train.main(sys.argv[1:])
+        assert "train.data" not in sys.modules, "train.data imported"
+        print("FILES", sorted(rec["files"]), rec.get("png_skipped"))
+    """)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    got = subprocess.run([sys.executable, "-c", code, *TRAIN_TINY, "--steps", "1",
+                          "--out-dir", str(tmp_path)], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert got.returncode == 0, got.stderr[-3000:]
+    assert "FILES ['json', 'markdown'] matplotlib is not installed" in got.stdout
+
+
+def test_bench_train_without_data_is_one_line(tmp_path, capsys):
+    from bench import train
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(f"model_dir: /nowhere/model\ndata_dir: {tmp_path / 'micro-sd'}\n")
+    with pytest.raises(SystemExit) as err:
+        train.main(["--config", str(cfg), "--out-dir", str(tmp_path / "out")])
+    assert err.value.code == 2
+    msg = capsys.readouterr().err.strip()
+    assert len(msg.splitlines()) == 1
+    assert str(tmp_path / "micro-sd") in msg and "python -m train.make_data" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_synthetic_anchors_match_sample_anchors():
+    """bench.train draws anchors for all-supervised rows as train.data.sample_anchors does."""
+    from bench.train import synthetic_anchors
+    from train.data import sample_anchors
+
+    for seq_len, num, k in ((64, 4, 8), (40, 48, 32), (512, 48, 32)):
+        mask = np.ones(seq_len, np.int32)
+        mask[0] = 0
+        want = sample_anchors(mask, num, k, np.random.default_rng(3))
+        got = synthetic_anchors(np.random.default_rng(3), num, seq_len, k)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("kind, dtype, peak", [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),     # SXM
+    ("NVIDIA H100 PCIe", "bfloat16", 756e12),
+    ("NVIDIA H100 NVL", "bfloat16", 835e12),
+    ("NVIDIA H200", "bfloat16", 989e12),
+    ("NVIDIA GH200 480GB", "bfloat16", 989e12),
+    ("NVIDIA A100-SXM4-80GB", "bfloat16", 312e12),      # not "a10"
+    ("NVIDIA A10", "bfloat16", 125e12),
+    ("NVIDIA A10G", "bfloat16", None),                  # not "a10"
+    ("NVIDIA L40", "bfloat16", 181e12),                 # not "l4"
+    ("NVIDIA L40S", "float16", 362e12),
+    ("NVIDIA L4", "bfloat16", 121e12),
+    ("NVIDIA GeForce RTX 4090", "bfloat16", 165e12),
+    ("TPU v5 lite", "bfloat16", 197e12),
+    ("TPU v5", "bfloat16", 459e12),
+    ("NVIDIA H100 80GB HBM3", "float32", None),         # no fp32 peak: TF32 or not
+    ("Some Future GPU", "bfloat16", None),
+])
+def test_peak_flops_lookup(kind, dtype, peak):
+    from bench.common import peak_flops
+
+    got, why = peak_flops(kind, dtype)
+    assert got == peak
+    if peak is None:
+        assert why and (dtype in why or repr(kind) in why)
+
+
+def test_peak_flops_cpu_and_mfu():
+    from bench.common import peak_flops
+    from bench.train import mfu
+
+    assert peak_flops("cpu", "bfloat16", "cpu") == (None, "no accelerator peak (CPU)")
+    m = {"backend": "gpu", "device_kind": "NVIDIA H100 PCIe", "device_count": 8}
+    r = mfu(756e12, m, "bfloat16", 2)  # the mesh's 2 devices, not all 8
+    assert r["peak_flops"] == 2 * 756e12 and r["mfu"] == pytest.approx(0.5)
+    assert "h100 pcie" in r["peak_source"]
+    r = mfu(756e12, m, "float32", 2)
+    assert r["mfu"] is None and r["peak_flops"] is None and "float32" in r["peak_source"]
