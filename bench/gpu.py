@@ -4,21 +4,25 @@
     python -m bench.gpu --shape tiny              # the same code path on CPU with a tiny config
 
 Per shape: random weights (orthrus_jax.params.init_params, bf16); memory bandwidth measured with a
-large jnp copy (bytes read + written / time); AR ms per token = (generate time - prefill) / loop
-steps of infer.decoder.generate(mode="ar"); Orthrus ms per cycle the same for mode="orthrus"
-(one diffusion pass + one verify pass of K tokens). The floors are the bytes one step must read
-(AR: the AR-view weights + the allocated KV cache; Orthrus cycle: those plus the diffusion-view
-weights) / bandwidth. Random weights accept almost no drafts, so Orthrus tokens/s here says
-nothing; ms per cycle vs AR ms per step gives the break-even acceptance length
-(cycle / step - 1) and the speedup at a given acceptance length AL: (AL + 1) * step / cycle.
-EOS is disabled so every row runs the full --new-tokens. Writes gpu-<stamp>.{json,md}.
+large jitted elementwise copy (bytes read + written / best time; the method is recorded in the
+JSON); AR ms per token = (generate time - prefill) / loop steps of
+infer.decoder.generate(mode="ar"); Orthrus ms per cycle the same for mode="orthrus" (one diffusion
+pass + one verify pass of K tokens). Each mode is compiled by one untimed run, then timed
+--repeats times: the best is the headline, the median and every sample are in the JSON. The
+floors are the bytes one step must read (AR: the AR-view weights + the allocated KV cache;
+Orthrus cycle: those plus the diffusion-view weights) / bandwidth. Random weights accept almost no
+drafts, so Orthrus tokens/s here says nothing; ms per cycle vs AR ms per step gives the
+break-even acceptance length (cycle / step - 1) and the projected speedup at an acceptance length
+AL: (AL + 1) * step / cycle, shown at several AL (PROJECTED_AL: measured by others, not here).
+EOS is disabled so every row runs the full --new-tokens. The JSON also records the device kind,
+jax/jaxlib, CUDA runtime and driver versions where available, and the device's peak memory.
+Writes gpu-<stamp>.{json,md,png}.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import functools
-import sys
 from typing import Any, Sequence
 
 import jax
@@ -29,7 +33,8 @@ from bench import common
 from infer import decoder
 from orthrus_jax.cli import ArgumentParser
 from orthrus_jax.config import Qwen3Config
-from orthrus_jax.params import DIFF_KEYS, count_params, init_params, param_shapes, param_summary
+from orthrus_jax.params import (DIFF_KEYS, DIFF_SOURCE, count_params, init_params, param_shapes,
+                                param_summary)
 
 SHAPES: dict[str, Qwen3Config] = {
     "qwen3-1.7b": Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
@@ -43,34 +48,56 @@ SHAPES: dict[str, Qwen3Config] = {
                         max_position_embeddings=4096, block_size=8, mask_token_id=511),
 }
 CPU_SHAPES = ("tiny",)
-PAPER_AL = (3.84, 6.0, 11.7)  # vLLM PR 46007's 1.66x run, a middle value, MATH-500 (method doc)
-
-
-class NoGPU(SystemExit):
-    pass
+# Acceptance lengths (drafts accepted per cycle, bonus excluded) to project the speedup at; from
+# /work/shared/docs/orthrus-method.md. Only the first was measured end to end outside the paper.
+PROJECTED_AL: dict[float, str] = {
+    3.84: "vLLM PR 46007 (Qwen3-4B, MT-Bench, 1.66x measured)",
+    6.0: "a middle value",
+    6.9: "paper, MBPP",
+    9.6: "paper, GSM8K",
+    11.7: "paper, MATH-500 (the highest)",
+}
 
 
 def check_platform(shapes: Sequence[str]) -> None:
     platform = jax.devices()[0].platform
     if platform == "gpu" or all(s in CPU_SHAPES for s in shapes):
         return
-    raise NoGPU(f"bench.gpu: no GPU (jax platform is {platform!r}); run it on a GPU machine, or "
-                f"use --shape tiny for the CPU smoke path")
+    raise common.UsageError(f"no GPU (jax platform is {platform!r}); run it on a GPU machine, or "
+                            f"use --shape tiny for the CPU smoke path")
 
 
-def measure_bandwidth(nbytes: int, repeats: int = 10) -> dict[str, float]:
+def measure_bandwidth(nbytes: int, repeats: int = 10) -> dict[str, Any]:
     """Device memory bandwidth from an elementwise copy of nbytes (bytes read + written / time)."""
     n = max(nbytes // 4, 1024)
-    x = jnp.arange(n, dtype=jnp.float32)
+    x = jnp.ones((n,), jnp.float32)  # a device buffer argument: nothing to constant-fold
     copy = jax.jit(lambda a: a * 1.0001)  # not elided by XLA: one full read and one full write
     copy(x).block_until_ready()
     times = []
     for _ in range(repeats):
         _, dt = common.timed(lambda: copy(x).block_until_ready())
         times.append(dt)
+    del x
     best = min(times)
-    return {"bytes": 4 * n, "best_s": best, "median_s": float(np.median(times)),
-            "bandwidth_Bps": 2 * 4 * n / best}
+    return {"method": f"jax.jit(lambda a: a * 1.0001) over a float32 array of {4 * n} bytes "
+                      f"on device 0; bandwidth = (bytes read + bytes written) / best of "
+                      f"{repeats} wall times (block_until_ready), after one warm-up call",
+            "bytes": 4 * n, "repeats": repeats, "best_s": best,
+            "median_s": float(np.median(times)), "bandwidth_Bps": 2 * 4 * n / best,
+            "median_bandwidth_Bps": 2 * 4 * n / float(np.median(times))}
+
+
+def device_memory() -> dict[str, int] | None:
+    """Device 0's memory counters (peak_bytes_in_use is the process's high-water mark so far);
+    None where the backend keeps none (CPU)."""
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:  # noqa: BLE001 - best effort
+        return None
+    if not stats:
+        return None
+    return {k: int(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit")
+            if k in stats}
 
 
 def step_bytes(cfg: Qwen3Config, dtype: Any, cache_len: int, batch: int) -> dict[str, int]:
@@ -79,7 +106,7 @@ def step_bytes(cfg: Qwen3Config, dtype: Any, cache_len: int, batch: int) -> dict
     item = jnp.dtype(dtype).itemsize
     layers = shapes["layers"]
     diff = sum(int(np.prod(layers[k].shape)) for k in DIFF_KEYS) * item
-    ar_twins = sum(int(np.prod(layers[k[: -len("_diff")]].shape)) for k in DIFF_KEYS) * item
+    ar_twins = sum(int(np.prod(layers[DIFF_SOURCE[k]].shape)) for k in DIFF_KEYS) * item
     shared_layers = sum(int(np.prod(v.shape)) for k, v in layers.items()
                         if k not in DIFF_KEYS) * item - ar_twins
     head = int(np.prod(shapes["lm_head" if "lm_head" in shapes else "embed"].shape)) * item
@@ -93,19 +120,29 @@ def step_bytes(cfg: Qwen3Config, dtype: Any, cache_len: int, batch: int) -> dict
 
 
 def time_mode(params, cfg: Qwen3Config, mode: str, prompts: list[list[int]], new_tokens: int,
-              block_size: int) -> dict[str, Any]:
-    """Warm up, then one timed generate; ms per loop iteration (prefill excluded)."""
+              block_size: int, repeats: int) -> dict[str, Any]:
+    """One untimed run (compile), then `repeats` timed runs; ms per loop iteration (prefill
+    excluded): the best is ms_per_step, the median and every sample are kept too."""
     kw = dict(mode=mode, max_new_tokens=new_tokens, batch_size=len(prompts),
               block_size=block_size, eos_token_ids=())
     _, warm_s = common.timed(lambda: decoder.generate(params, cfg, prompts, **kw))
-    res = decoder.generate(params, cfg, prompts, **kw)
-    st = res[0].stats
-    s = decoder.summarize(res)
-    loop_s = st.time_s - st.ttft_s
-    steps = max(r.stats.cycles for r in res)
-    return {"mode": mode, "warmup_s": warm_s, "ttft_s": st.ttft_s, "loop_s": loop_s,
-            "steps": steps, "ms_per_step": 1e3 * loop_s / max(steps, 1),
-            "tokens": s["tokens"], "tokens_per_s": s["tokens"] / st.time_s,
+    samples = []
+    for _ in range(max(repeats, 1)):
+        res = decoder.generate(params, cfg, prompts, **kw)
+        st = res[0].stats  # one batch: every row has the batch's wall clock
+        steps = max(r.stats.cycles for r in res)
+        loop_s = st.time_s - st.ttft_s
+        samples.append({"ttft_s": st.ttft_s, "loop_s": loop_s, "time_s": st.time_s,
+                        "steps": steps, "ms_per_step": 1e3 * loop_s / max(steps, 1)})
+    s = decoder.summarize(res)  # greedy, fixed prompts: the same tokens every run
+    ms = [x["ms_per_step"] for x in samples]
+    best = samples[int(np.argmin(ms))]
+    return {"mode": mode, "warmup_s": warm_s, "repeats": len(samples),
+            "ms_per_step": best["ms_per_step"], "ms_per_step_median": float(np.median(ms)),
+            "ttft_s": best["ttft_s"],
+            "ttft_s_median": float(np.median([x["ttft_s"] for x in samples])),
+            "loop_s": best["loop_s"], "steps": best["steps"], "samples": samples,
+            "tokens": s["tokens"], "tokens_per_s": s["tokens"] / best["time_s"],
             "tpf": s["tpf"], "acceptance_length": s["acceptance_length"]}
 
 
@@ -123,9 +160,10 @@ def bench_shape(name: str, args: argparse.Namespace, bw: float) -> dict[str, Any
     spec = decoder.make_spec(cfg, mode="orthrus", max_new_tokens=args.new_tokens, block_size=k)
     cache_len = spec.cache_len(decoder.length_bucket(args.prompt_len))
     nbytes = step_bytes(cfg, dtype, cache_len, args.batch_size)
-    ar = time_mode(params, cfg, "ar", prompts, args.new_tokens, k)
-    orth = time_mode(params, cfg, "orthrus", prompts, args.new_tokens, k)
-    del params
+    ar = time_mode(params, cfg, "ar", prompts, args.new_tokens, k, args.repeats)
+    orth = time_mode(params, cfg, "orthrus", prompts, args.new_tokens, k, args.repeats)
+    del params  # the next shape's weights need the memory
+    mem = device_memory()
     ar_floor = 1e3 * nbytes["ar_step"] / bw
     cyc_floor = 1e3 * nbytes["orthrus_cycle"] / bw
     ratio = orth["ms_per_step"] / ar["ms_per_step"]
@@ -137,7 +175,8 @@ def bench_shape(name: str, args: argparse.Namespace, bw: float) -> dict[str, Any
            "ar_floor_ms": ar_floor, "ar_over_floor": ar["ms_per_step"] / ar_floor,
            "cycle_floor_ms": cyc_floor, "cycle_over_floor": orth["ms_per_step"] / cyc_floor,
            "cycle_over_ar_step": ratio, "break_even_acceptance_length": ratio - 1.0,
-           "projected_speedup": {str(al): (al + 1.0) / ratio for al in PAPER_AL}}
+           "projected_speedup": {str(al): (al + 1.0) / ratio for al in PROJECTED_AL},
+           "device_memory": mem}
     print(f"{name:11s} AR {ar['ms_per_step']:.3f} ms/token (floor {ar_floor:.3f} ms, "
           f"x{rec['ar_over_floor']:.2f}); Orthrus {orth['ms_per_step']:.3f} ms/cycle (floor "
           f"{cyc_floor:.3f} ms, x{rec['cycle_over_floor']:.2f}); cycle/step {ratio:.2f}, "
@@ -150,30 +189,57 @@ def markdown(record: dict[str, Any]) -> str:
     bw = record["bandwidth"]
     lines = [common.md_preamble("GPU decode: ms per token vs the weight-streaming floor", record),
              f"- random weights ({a['dtype']}), batch {a['batch_size']}, prompt {a['prompt_len']} "
-             f"random tokens, {a['new_tokens']} new tokens (EOS off)",
-             f"- measured bandwidth: {bw['bandwidth_Bps'] / 1e9:.1f} GB/s (copy of "
-             f"{bw['bytes'] / 2**20:.0f} MiB, read + write)",
+             f"random tokens, {a['new_tokens']} new tokens (EOS off); per mode one compile run, "
+             f"then best (and median) of {a['repeats']} timed runs",
+             f"- measured bandwidth: {bw['bandwidth_Bps'] / 1e9:.1f} GB/s best, "
+             f"{bw['median_bandwidth_Bps'] / 1e9:.1f} GB/s median ({bw['method']})",
              "- floor = bytes a step must read (weights of the view(s) + the allocated KV cache) / "
              "bandwidth; Orthrus cycle = diffusion pass + verify pass of K tokens\n"]
     rows = []
     for r in record["shapes"]:
+        mem = r.get("device_memory") or {}
         rows.append([r["shape"], r["bytes"]["ar_weights"] / 1e9, r["ar"]["ms_per_step"],
-                     r["ar_floor_ms"], r["ar_over_floor"], r["orthrus"]["ms_per_step"],
+                     r["ar"]["ms_per_step_median"], r["ar_floor_ms"], r["ar_over_floor"],
+                     r["orthrus"]["ms_per_step"], r["orthrus"]["ms_per_step_median"],
                      r["cycle_floor_ms"], r["cycle_over_ar_step"],
-                     r["break_even_acceptance_length"],
-                     r["projected_speedup"][str(PAPER_AL[-1])], r["ar"]["ttft_s"] * 1e3])
+                     r["break_even_acceptance_length"], r["ar"]["ttft_s"] * 1e3,
+                     mem["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in mem else None])
     lines.append(common.md_table(
-        ["shape", "AR weights GB", "AR ms/token", "floor ms", "AR/floor", "Orthrus ms/cycle",
-         "cycle floor ms", "cycle / AR step", "break-even AL",
-         f"speedup at AL {PAPER_AL[-1]}", "prefill ms"], rows))
+        ["shape", "AR weights GB", "AR ms/token", "(median)", "floor ms", "AR/floor",
+         "Orthrus ms/cycle", "(median)", "cycle floor ms", "cycle / AR step", "break-even AL",
+         "prefill ms", "device peak GB"], rows))
+    lines.append("\n## Projected speedup over AR = (AL + 1) x AR step / cycle\n")
+    lines.append("At acceptance lengths AL (drafts accepted per cycle, bonus excluded) measured "
+                 "elsewhere; random weights accept nothing here, so these are projections from "
+                 "the measured step and cycle times, not measurements.\n")
+    lines.append(common.md_table(
+        ["shape", *[f"AL {al:g}: {src}" for al, src in PROJECTED_AL.items()]],
+        [[r["shape"], *[f"{r['projected_speedup'][str(al)]:.2f}x" for al in PROJECTED_AL]]
+         for r in record["shapes"]]))
     return "\n".join(lines) + "\n"
+
+
+def plot(path: str, record: dict[str, Any]) -> None:
+    shapes = record["shapes"]
+    common.bar_chart(
+        path, [r["shape"] for r in shapes],
+        {"AR ms/token": [r["ar"]["ms_per_step"] for r in shapes],
+         "AR floor": [r["ar_floor_ms"] for r in shapes],
+         "Orthrus ms/cycle": [r["orthrus"]["ms_per_step"] for r in shapes],
+         "cycle floor": [r["cycle_floor_ms"] for r in shapes]},
+        xlabel="shape", ylabel="ms", log=True,
+        title=(f"decode step vs weight-streaming floor, batch {record['args']['batch_size']}, "
+               f"{record['args']['dtype']}\n{common.device_label(record['machine'])}, "
+               f"{record['date'][:10]}"))
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     shapes = [s.strip() for s in args.shape.split(",") if s.strip()]
     unknown = [s for s in shapes if s not in SHAPES]
     if unknown:
-        raise SystemExit(f"bench.gpu: unknown shape {unknown[0]!r}; choose from {sorted(SHAPES)}")
+        raise common.UsageError(f"unknown shape {unknown[0]!r}; choose from {sorted(SHAPES)}")
+    if args.repeats < 1:
+        raise common.UsageError(f"--repeats {args.repeats}: give N >= 1")
     check_platform(shapes)
     record = common.header("gpu", args)
     nbytes = args.bw_mib * 2**20 if args.bw_mib else (
@@ -182,10 +248,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     print(f"bandwidth {bw['bandwidth_Bps'] / 1e9:.1f} GB/s ({bw['bytes'] / 2**20:.0f} MiB copy)",
           flush=True)
     record["bandwidth"] = bw
+    record["projected_al"] = {str(al): src for al, src in PROJECTED_AL.items()}
     record["shapes"] = [bench_shape(s, args, bw["bandwidth_Bps"]) for s in shapes]
-    files = common.write_record(args.out_dir, "gpu", record, markdown)
-    jpath, mpath = files["json"], files["markdown"]
-    print(f"wrote {jpath}, {mpath}")
+    files = common.write_record(args.out_dir, "gpu", record, markdown,
+                                chart=lambda path: plot(path, record))
+    print(f"wrote {', '.join(files.values())}")
     return record
 
 
@@ -201,17 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None, help="K (default: the shape's)")
     p.add_argument("--bw-mib", type=int, default=0,
                    help="size of the bandwidth copy in MiB (default 4096 on GPU, 64 otherwise)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed runs per mode after the compile run (best and median recorded)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-dir", default=common.DEFAULT_OUT_DIR)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-    try:
-        return run(common.parse_with_command(build_parser(), argv))
-    except NoGPU as err:
-        print(err.code, file=sys.stderr)
-        raise SystemExit(2) from None
+    return common.run_main(build_parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -30,14 +30,27 @@ def _load(tmp_path, record, kind):
 def test_bench_gpu_tiny(tmp_path):
     from bench import gpu
 
-    rec = gpu.main(["--shape", "tiny", "--prompt-len", "12", "--new-tokens", "8",
+    rec = gpu.main(["--shape", "tiny", "--prompt-len", "12", "--new-tokens", "8", "--repeats", "2",
                     "--out-dir", str(tmp_path)])
     (shape,) = rec["shapes"]
     assert shape["ar"]["steps"] == 7 and shape["orthrus"]["steps"] >= 1
     assert shape["ar_floor_ms"] > 0 and shape["cycle_over_ar_step"] > 0
+    for mode in ("ar", "orthrus"):
+        t = shape[mode]
+        assert t["repeats"] == 2 and len(t["samples"]) == 2
+        assert t["ms_per_step"] == min(s["ms_per_step"] for s in t["samples"])
+        assert t["ms_per_step_median"] >= t["ms_per_step"]
+    assert set(shape["projected_speedup"]) == {str(al) for al in gpu.PROJECTED_AL}
+    assert "method" in rec["bandwidth"] and "a * 1.0001" in rec["bandwidth"]["method"]
+    m = rec["machine"]
+    assert m["device_kind"] and m["jax"] and m["jaxlib"]
+    assert sorted(rec["files"]) == ["json", "markdown", "png"]
     for f in _files(rec):
-        assert (tmp_path / f.split("/")[-1]).exists()
-    assert json.loads((tmp_path / rec["files"]["json"].split("/")[-1]).read_text())["shapes"]
+        assert (tmp_path / os.path.basename(f)).exists()
+    assert json.loads(_load(tmp_path, rec, "json"))["shapes"]
+    md = _load(tmp_path, rec, "markdown")
+    for al in (3.84, 6.9, 11.7):  # the table is not only the optimistic case
+        assert f"AL {al:g}" in md
 
 
 def test_bench_gpu_refuses_real_shapes_without_gpu(tmp_path, capsys):
