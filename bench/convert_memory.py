@@ -18,6 +18,7 @@ import time
 import ml_dtypes
 import numpy as np
 
+from bench.common import parse_with_command
 from convert.hf_params import write_safetensors_streaming
 from orthrus_jax.cli import ArgumentParser
 
@@ -98,12 +99,13 @@ def converter_peak_rss(hf_dir: str, out: str, *extra: str) -> int:
     return int(got.stdout.split("VmHWM_KiB")[-1].split()[0]) * 1024
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m bench.convert_memory",
                             description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SHAPES), default="0.6B", help="Qwen3 shape")
     parser.add_argument("--workdir", default="/tmp/convmem", help="scratch dir (deleted after)")
-    args = parser.parse_args()
+    args = parse_with_command(parser, argv)
+    print("command:", args.command, flush=True)  # for the record: the exact command line
     shutil.rmtree(args.workdir, ignore_errors=True)
     hf_dir, out = os.path.join(args.workdir, "hf"), os.path.join(args.workdir, "out")
     try:
