@@ -1,10 +1,15 @@
 """The training config: one dataclass, loaded from YAML with `key=value` overrides."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import difflib
+import os
 from typing import Any
 
 import yaml
+
+from orthrus_jax.config import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,35 +60,137 @@ class TrainConfig:
 
     @property
     def micro_batch(self) -> int:
-        assert self.global_batch % self.grad_accum == 0, "global_batch must divide by grad_accum"
+        """Rows per micro-batch over all processes (global_batch / grad_accum)."""
         return self.global_batch // self.grad_accum
 
+    def __post_init__(self) -> None:
+        problems = _problems(self)
+        if problems:
+            raise ConfigError(problems[0])
 
-def _coerce(value: str, typ: Any) -> Any:
-    if typ in (bool, "bool"):
-        return str(value).lower() in ("1", "true", "yes", "on")
-    if typ in (int, "int"):
-        return int(float(value))
-    if typ in (float, "float"):
+
+DTYPES = ("float32", "bfloat16", "float16")
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+_AT_LEAST = {  # integer fields and their smallest allowed value
+    "seq_len": 2, "anchors_per_row": 1, "block_size": 2, "global_batch": 1, "grad_accum": 1,
+    "max_steps": 0, "schedule_steps": 0, "anchor_chunks": 1, "mesh_data": 1, "mesh_tensor": 1,
+    "save_every": 1, "keep_checkpoints": 1, "keep_every": 0, "log_every": 1, "plot_every": 0,
+    "export_every": 0}
+
+
+def _problems(c: TrainConfig) -> list[str]:
+    """What is wrong with a typed config, each naming its keys (empty when it is usable)."""
+    out = [f"{k}={getattr(c, k)} must be >= {lo}" for k, lo in _AT_LEAST.items()
+           if getattr(c, k) < lo]
+    if c.mesh_fsdp != -1 and c.mesh_fsdp < 1:
+        out.append(f"mesh_fsdp={c.mesh_fsdp} must be >= 1, or -1 for all remaining devices")
+    if out:
+        return out
+    if c.seq_len <= c.block_size:
+        out.append(f"seq_len={c.seq_len} must exceed block_size={c.block_size} "
+                   "(anchors sit at 1 <= a <= seq_len - block_size)")
+    if c.global_batch % c.grad_accum:
+        out.append(f"global_batch={c.global_batch} is not a multiple of grad_accum={c.grad_accum}")
+    if c.anchors_per_row % c.anchor_chunks:
+        out.append(f"anchors_per_row={c.anchors_per_row} is not a multiple of "
+                   f"anchor_chunks={c.anchor_chunks}")
+    for key in ("compute_dtype", "export_dtype"):
+        if getattr(c, key) not in DTYPES:
+            out.append(f"{key}={getattr(c, key)!r} is not one of {', '.join(DTYPES)}")
+    if not (c.epochs > 0 or c.max_steps > 0):
+        out.append(f"epochs={c.epochs} must be > 0 (or set max_steps)")
+    for key, lo, hi in (("warmup_frac", 0.0, 1.0), ("lr_floor", 0.0, 1.0), ("b1", 0.0, 1.0),
+                        ("b2", 0.0, 1.0)):
+        if not lo <= getattr(c, key) <= hi:
+            out.append(f"{key}={getattr(c, key)} must be in [{lo:g}, {hi:g}]")
+    for key in ("weight_decay", "clip_norm", "time_limit_s"):
+        if not getattr(c, key) >= 0:
+            out.append(f"{key}={getattr(c, key)} must be >= 0")
+    try:
+        minutes = export_minutes(c.export_at_minutes)
+    except ValueError:
+        minutes = [-1.0]
+    if any(not m >= 0 for m in minutes):
+        out.append(f"export_at_minutes={c.export_at_minutes!r} must be comma-separated minutes "
+                   "(numbers >= 0), e.g. \"25\" or \"25,40\"")
+    return out
+
+
+def export_minutes(text: str) -> list[float]:
+    """export_at_minutes ("25,40") as sorted floats."""
+    return sorted(float(x) for x in str(text).split(",") if x.strip())
+
+
+def _coerce(value: Any, typ: str) -> Any:
+    """value (a YAML scalar or a --set string) as the field type `typ`; ValueError if it is not one."""
+    if isinstance(value, (list, dict, type(None))) or (isinstance(value, bool) and typ != "bool"):
+        raise ValueError
+    if typ == "bool":
+        word = str(value).strip().lower()
+        if isinstance(value, bool) or word in _TRUE + _FALSE:
+            return value if isinstance(value, bool) else word in _TRUE
+        raise ValueError
+    if typ == "int":
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            number = float(value)            # "1e3", 2.0; 2.7 and "abc" fail
+            if not number.is_integer():
+                raise
+            return int(number)
+    if typ == "float":
         return float(value)
-    return value
+    return str(value)
+
+
+_EXPECTED = {"bool": "true or false (also yes/no, 1/0)", "int": "an integer",
+             "float": "a number", "str": "a string"}
 
 
 def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """TrainConfig from a YAML file (optional) and `key=value` overrides."""
-    values: dict[str, Any] = {}
+    """TrainConfig from a YAML file (optional) and `key=value` overrides (later ones win).
+
+    Every value is checked against its field's type and range; a bad one raises ConfigError,
+    one line naming the file (or --set) and the key."""
+    raw: list[tuple[str, str, Any]] = []   # (where, key, value)
     if path:
-        with open(path) as f:
-            values.update(yaml.safe_load(f) or {})
-    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+        if not os.path.isfile(path):
+            raise ConfigError(f"config file {path}: not found")
+        try:
+            with open(path) as f:
+                data = yaml.safe_load(f)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path}: not valid YAML ({' '.join(str(err).split())})")
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(f"config file {path}: expected a mapping of key: value, "
+                              f"got {type(data).__name__}")
+        raw += [(path, str(k), v) for k, v in (data or {}).items()]
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        values[key.strip()] = value.strip()
-    unknown = set(values) - set(fields)
-    if unknown:
-        raise ValueError(f"unknown config keys: {sorted(unknown)}")
-    typed = {k: _coerce(v, fields[k]) if isinstance(v, str) and fields[k] != "str" else v
-             for k, v in values.items()}
-    return TrainConfig(**typed)
+        if not sep or not key.strip():
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        raw.append((f"--set {item}", key.strip(), value.strip()))
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+    typed: dict[str, Any] = {}
+    for where, key, value in raw:
+        if key not in fields:
+            near = difflib.get_close_matches(key, fields, n=1)
+            hint = f" (did you mean {near[0]}?)" if near else ""
+            raise ConfigError(f"{where}: unknown config key {key!r}{hint}")
+        try:
+            typed[key] = _coerce(value, fields[key])
+        except (TypeError, ValueError, OverflowError):
+            raise ConfigError(f"{where}: {key}: expected {_EXPECTED[fields[key]]}, "
+                              f"got {value!r}") from None
+    try:
+        return TrainConfig(**typed)
+    except ConfigError as err:
+        sources = [path] if path else []
+        sources += ["--set"] if overrides else []
+        raise ConfigError(f"{' + '.join(sources) or 'config'}: {err}") from None
+
+
+def add_set_argument(ap: argparse.ArgumentParser) -> None:
+    """--set KEY=VALUE ...: config overrides; repeatable (--set a=1 --set b=2 = --set a=1 b=2)."""
+    ap.add_argument("--set", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
+                    help="config overrides (any TrainConfig key); may be repeated, later wins")
