@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import jax
@@ -103,15 +104,26 @@ def batch_shardings(batch: Any, mesh: Mesh, rules: ShardingRules = ShardingRules
 
 
 def put_batch(batch: dict[str, np.ndarray], mesh: Mesh, rules: ShardingRules = ShardingRules()) -> Any:
-    """Place a host batch (this process's rows) as global arrays sharded by the rules."""
-    shardings = batch_shardings(batch, mesh, rules)
-    if jax.process_count() == 1:
-        return jax.device_put(batch, shardings)
-    return jax.tree_util.tree_map(lambda x, s: jax.make_array_from_process_local_data(s, x),
-                                  batch, shardings)
+    """Place a host batch [accum, rows, ...] (this process's rows; every process holds as many)
+    as global arrays [accum, rows * processes, ...] sharded by the rules."""
+    pc = jax.process_count()
+    if pc == 1:
+        return jax.device_put(batch, batch_shardings(batch, mesh, rules))
+    global_shapes = jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct((x.shape[0], x.shape[1] * pc, *x.shape[2:]), x.dtype), batch)
+    return jax.tree_util.tree_map(
+        lambda x, g, s: jax.make_array_from_process_local_data(s, x, g.shape),
+        batch, global_shapes, batch_shardings(global_shapes, mesh, rules))
 
 
 def maybe_initialize_distributed(enabled: bool) -> None:
-    """jax.distributed.initialize() for multi-host runs (coordinator from the environment)."""
-    if enabled and jax.process_count() == 1:
-        jax.distributed.initialize()
+    """jax.distributed.initialize() for multi-host runs, before anything touches the backend.
+
+    The coordinator comes from the environment: JAX_COORDINATOR_ADDRESS (host:port of process
+    0), JAX_NUM_PROCESSES and JAX_PROCESS_ID where set, else JAX's cluster auto-detection
+    (SLURM, Open MPI, Cloud TPU, ...). A second call (already initialised) does nothing."""
+    if not enabled or jax.distributed.is_initialized():
+        return
+    env = {name: os.environ.get(var) for name, var in (("num_processes", "JAX_NUM_PROCESSES"),
+                                                       ("process_id", "JAX_PROCESS_ID"))}
+    jax.distributed.initialize(**{k: int(v) for k, v in env.items() if v not in (None, "")})

@@ -13,6 +13,8 @@ import os
 import grain
 import numpy as np
 
+from orthrus_jax.config import ConfigError
+
 
 class DocSource(grain.sources.RandomAccessDataSource):
     """Documents written by train.make_data: {"tokens": int32[n], "mask": uint8[n]} by index."""
@@ -45,7 +47,7 @@ class PackedRows(grain.sources.RandomAccessDataSource):
         self.doc_lengths = docs.lengths()
         self.rows_per_epoch = int(self.doc_lengths.sum()) // seq_len
         if self.rows_per_epoch == 0:
-            raise ValueError(f"{docs}: fewer than seq_len={seq_len} tokens in all")
+            raise ConfigError(f"data_dir {docs.data_dir}: fewer than seq_len={seq_len} tokens in all")
 
     def __len__(self) -> int:
         return self.rows_per_epoch * self.epochs
@@ -103,10 +105,11 @@ def make_dataset(data_dir: str, seq_len: int, anchors_per_row: int, block_size: 
         anchors, valid = sample_anchors(row["mask"], anchors_per_row, block_size, rng)
         return {**row, "anchors": anchors, "anchor_valid": valid}
 
-    ds = grain.MapDataset.source(rows)
+    # anchors are seeded by the global row index (random_map before the per-process slice), so
+    # the rows of a global batch and their anchors do not depend on the number of processes
+    ds = grain.MapDataset.source(rows).random_map(add_anchors, seed=seed)
     if process_count > 1:
         ds = ds[process_index::process_count]
-    ds = ds.random_map(add_anchors, seed=seed)
     return ds.batch(rows_per_batch, drop_remainder=True)
 
 
