@@ -1,10 +1,13 @@
 """Self-distillation data: the frozen model's own greedy continuations of training prompts.
 
     python -m train.make_data --model DIR --prompts FILE --out DIR --max-new-tokens N [--limit N]
+        [--chat [--system TEXT]]
 
 Each document is `prompt tokens + greedy continuation` with a response mask (0 = context,
-1 = target). Generation runs in chunks of prompts; each chunk is written atomically as
-OUT/chunks/chunk_NNNNN.npz, so an interrupted run resumes by skipping finished chunks. At the
+1 = target); with --chat the prompt is first rendered with the model's chat template (a user
+message, thinking off). Generation runs in chunks of prompts; each chunk is written atomically as
+OUT/chunks/chunk_NNNNN.npz, so an interrupted run resumes by skipping finished chunks (a rerun
+with a larger --limit regenerates a chunk that holds fewer prompts than it should). At the
 end the chunks are joined into OUT/tokens.npy, OUT/mask.npy (flat) and OUT/offsets.npy
 (doc i = [offsets[i], offsets[i+1])), which `train.data.DocSource` reads by random access
 (numpy memmap), as a grain RandomAccessDataSource.
@@ -13,29 +16,44 @@ from __future__ import annotations
 
 import argparse
 import functools
-import glob
 import json
 import os
+import sys
 import time
+import zipfile
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+from convert.errors import run_cli
+from infer.text import encode, load_tokenizer, render_chat
+from orthrus_jax import sharding as shd
 from orthrus_jax.cli import ArgumentParser
 from orthrus_jax.cache import init_cache
-from orthrus_jax.config import Qwen3Config
+from orthrus_jax.config import ConfigError, Qwen3Config
 from orthrus_jax.model import ar_forward, lm_logits
 
 
-def load_any_model(model_dir: str, dtype=jnp.float32):
-    """(cfg, params) from an Orthrus model dir (params/) or an HF dir (model.safetensors)."""
+def load_any_model(model_dir: str, dtype=jnp.float32, mesh=None):
+    """(cfg, params) from an Orthrus model dir (params/) or an HF dir (model.safetensors).
+
+    With a mesh, the params come sharded by orthrus_jax.sharding's rules (an Orthrus dir is
+    restored straight into them, one leaf at a time; every process reads its own shards)."""
     if os.path.isdir(os.path.join(model_dir, "params")):
-        from orthrus_jax.checkpoint import load_model
-        return load_model(model_dir, dtype)
+        from orthrus_jax.checkpoint import iter_model_leaves, load_model, model_leaf_specs
+        if mesh is None:
+            return load_model(model_dir, dtype)
+        from orthrus_jax.params import assemble_leaves, iter_leaves
+        cfg, specs = model_leaf_specs(model_dir)
+        shardings = dict(iter_leaves(shd.param_shardings(assemble_leaves(specs.items()), mesh)))
+        return cfg, assemble_leaves(iter_model_leaves(model_dir, dtype, shardings))
     from convert.hf_params import read_hf_params
-    return read_hf_params(model_dir, dtype)
+    cfg, params = read_hf_params(model_dir, dtype)
+    if mesh is not None:   # via the host: every process holds the whole tree
+        params = jax.device_put(jax.device_get(params), shd.param_shardings(params, mesh))
+    return cfg, params
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new"))
@@ -103,35 +121,74 @@ def read_prompts(path: str, limit: int | None) -> list[str]:
     return out
 
 
+def prompt_ids(tok, model_dir: str, texts: list[str], max_prompt_tokens: int, chat: bool = False,
+               system: str | None = None) -> list[list[int]]:
+    """Token ids of each prompt (its last max_prompt_tokens): the text as is, or with --chat the
+    text as a user message (after an optional system message) in the model's chat template, with
+    the generation prompt and Qwen3's thinking switched off (the paper's format)."""
+    if not chat:
+        return [tok.encode(t).ids[-max_prompt_tokens:] for t in texts]
+    head = [{"role": "system", "content": system}] if system is not None else []
+    return [encode(tok, render_chat(model_dir, head + [{"role": "user", "content": t}]))
+            [-max_prompt_tokens:] for t in texts]
+
+
+def _chunk_path(out_dir: str, c: int) -> str:
+    return os.path.join(out_dir, "chunks", f"chunk_{c:05d}.npz")
+
+
+def _chunk_docs(path: str) -> int:
+    """Documents in a finished chunk file (0 when it is missing or unreadable)."""
+    try:
+        with np.load(path) as z:
+            return len(z["lengths"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+        return 0
+
+
+META_DEFAULTS = {"chat": False, "system": None}   # keys that older meta.json files lack
+
+
 def make_data(model_dir: str, prompts_path: str, out_dir: str, max_new_tokens: int,
               limit: int | None = None, chunk_size: int = 256, batch_size: int = 128,
-              max_prompt_tokens: int = 1024) -> str:
-    from tokenizers import Tokenizer
-
-    os.makedirs(os.path.join(out_dir, "chunks"), exist_ok=True)
-    cfg, params = load_any_model(model_dir, jnp.float32)
-    tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+              max_prompt_tokens: int = 1024, chat: bool = False, system: str | None = None) -> str:
+    """Generate (or resume) OUT_DIR. Chunk c holds prompts [c * chunk_size, (c + 1) * chunk_size)
+    of the first `limit`; a chunk is reused when it holds at least the prompts it should (one
+    made with a larger --limit is cut), and generated again when it holds fewer (one made with a
+    smaller --limit)."""
+    tok = load_tokenizer(model_dir)
     texts = read_prompts(prompts_path, limit)
+    if not texts:
+        raise ConfigError(f"--prompts {prompts_path}: no prompts in it")
+    ids_of = functools.partial(prompt_ids, tok, model_dir, max_prompt_tokens=max_prompt_tokens,
+                               chat=chat, system=system)
+    if chat:
+        ids_of(texts[:1] or [""])   # no chat template: fail now, before anything is written
     n_chunks = -(-len(texts) // chunk_size)
+    want = [min(chunk_size, len(texts) - c * chunk_size) for c in range(n_chunks)]
     meta = {"model": os.path.abspath(model_dir), "prompts": os.path.abspath(prompts_path),
             "max_new_tokens": max_new_tokens, "limit": limit, "chunk_size": chunk_size,
-            "num_prompts": len(texts), "max_prompt_tokens": max_prompt_tokens}
+            "num_prompts": len(texts), "max_prompt_tokens": max_prompt_tokens, "chat": chat,
+            "system": system}
     meta_path = os.path.join(out_dir, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
-            old = json.load(f)
-        same = ("model", "prompts", "max_new_tokens", "chunk_size", "max_prompt_tokens")
-        if any(old.get(k) != meta[k] for k in same):  # --limit may change: chunks stay valid
-            raise SystemExit(f"{out_dir} holds data made with other settings ({old}); use a new --out")
+            old = {**META_DEFAULTS, **json.load(f)}
+        same = ("model", "prompts", "max_new_tokens", "chunk_size", "max_prompt_tokens", "chat",
+                "system")   # --limit may change: chunks are checked one by one below
+        for k in same:
+            if old.get(k) != meta[k]:
+                raise ConfigError(f"--out {out_dir} holds data made with other settings ({k} "
+                                  f"{old.get(k)!r}, now {meta[k]!r}); use a new --out")
+    todo = [c for c in range(n_chunks) if _chunk_docs(_chunk_path(out_dir, c)) < want[c]]
+    os.makedirs(os.path.join(out_dir, "chunks"), exist_ok=True)
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=2)
+    cfg, params = load_any_model(model_dir, jnp.float32) if todo else (None, None)
     t0, new_tokens = time.time(), 0
-    bar = tqdm(range(n_chunks), desc="make_data", unit="chunk")
+    bar = tqdm(todo, desc="make_data", unit="chunk")
     for c in bar:
-        path = os.path.join(out_dir, "chunks", f"chunk_{c:05d}.npz")
-        if os.path.exists(path):
-            continue
-        ids = [tok.encode(t).ids[-max_prompt_tokens:] for t in texts[c * chunk_size:(c + 1) * chunk_size]]
+        ids = ids_of(texts[c * chunk_size:(c + 1) * chunk_size])
         ids = [p if p else [cfg.eos_token_ids[0] if cfg.eos_token_ids else 0] for p in ids]
         order = np.argsort([len(p) for p in ids])  # similar lengths per batch, less padding
         conts: list[list[int]] = [[] for _ in ids]
@@ -144,22 +201,25 @@ def make_data(model_dir: str, prompts_path: str, out_dir: str, max_new_tokens: i
                                for p, q in zip(ids, conts)])
         lens = np.asarray([len(p) + len(q) for p, q in zip(ids, conts)], np.int64)
         new_tokens += int(mask.sum())
+        path = _chunk_path(out_dir, c)
         tmp = path + ".tmp.npz"
         np.savez(tmp, tokens=toks, mask=mask, lengths=lens)
         os.replace(tmp, path)
         bar.set_postfix(tok_s=f"{new_tokens / (time.time() - t0):.0f}")
-    finalize(out_dir, n_chunks)
+    finalize(out_dir, want)
     return out_dir
 
 
-def finalize(out_dir: str, n_chunks: int) -> None:
-    """Join chunk files into tokens.npy / mask.npy / offsets.npy (memmap-readable)."""
-    files = sorted(glob.glob(os.path.join(out_dir, "chunks", "chunk_*.npz")))
-    assert len(files) == n_chunks, f"expected {n_chunks} chunks, found {len(files)}"
+def finalize(out_dir: str, docs_per_chunk: list[int]) -> None:
+    """Join the first docs_per_chunk[c] documents of each chunk c into tokens.npy / mask.npy /
+    offsets.npy (memmap-readable)."""
     toks, masks, lens = [], [], []
-    for fpath in files:
-        with np.load(fpath) as z:
-            toks.append(z["tokens"]); masks.append(z["mask"]); lens.append(z["lengths"])
+    for c, n in enumerate(docs_per_chunk):
+        with np.load(_chunk_path(out_dir, c)) as z:
+            lengths = z["lengths"][:n]
+            assert len(lengths) == n, f"chunk {c}: {len(lengths)} documents, expected {n}"
+            end = int(lengths.sum())
+            toks.append(z["tokens"][:end]); masks.append(z["mask"][:end]); lens.append(lengths)
     lengths = np.concatenate(lens)
     offsets = np.r_[0, np.cumsum(lengths)].astype(np.int64)
     np.save(os.path.join(out_dir, "tokens.npy"), np.concatenate(toks))
@@ -169,7 +229,7 @@ def finalize(out_dir: str, n_chunks: int) -> None:
           f"{int(np.concatenate(masks).sum())} response tokens")
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m train.make_data", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="HF dir or Orthrus model dir")
@@ -180,10 +240,22 @@ def main(argv=None) -> None:
     ap.add_argument("--chunk-size", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--max-prompt-tokens", type=int, default=1024)
+    ap.add_argument("--chat", action="store_true",
+                    help="format each prompt as a user message with the tokenizer's chat template "
+                         "(generation prompt, thinking off), as the paper; the rendered prompt is "
+                         "context (mask 0), the continuation the targets")
+    ap.add_argument("--system", default=None,
+                    help="with --chat: a system message first (default: none)")
     a = ap.parse_args(argv)
-    make_data(a.model, a.prompts, a.out, a.max_new_tokens, a.limit, a.chunk_size, a.batch_size,
-              a.max_prompt_tokens)
+    if a.system is not None and not a.chat:
+        ap.error("argument --system: only with --chat")
+    for flag in ("max_new_tokens", "limit", "chunk_size", "batch_size", "max_prompt_tokens"):
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            ap.error(f"argument --{flag.replace('_', '-')}: must be >= 1")
+    return run_cli(lambda: make_data(a.model, a.prompts, a.out, a.max_new_tokens, a.limit,
+                                     a.chunk_size, a.batch_size, a.max_prompt_tokens, a.chat,
+                                     a.system))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
