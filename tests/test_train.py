@@ -1,4 +1,5 @@
-"""Training: target alignment, data pipeline, step invariants, sharding equivalence, resume, NaN stop."""
+"""Training: target alignment, data pipeline, step invariants, sharding equivalence, resume, NaN stop,
+save/export/log bookkeeping, --set, the micro-batch check."""
 from __future__ import annotations
 
 import json
@@ -166,17 +167,32 @@ def test_kl_is_zero_when_views_agree():
 # ------------------------------------------------------------------ runs: sharding, resume, NaN
 
 
-def test_sharded_losses_match_single_device(tiny_setup, tmp_path):
+def test_sharded_losses_match_single_device(tiny_setup, tmp_path, monkeypatch):
+    """Micro-batches of 8 rows: really split over data x fsdp (1 row per device on (8,1,1) and
+    (2,4,1), 2 on (2,2,2) with tensor 2), and the losses equal the 1-device losses."""
+    from orthrus_jax import sharding as shd
     from train.run import train
     assert jax.device_count() == 8
+    placed = []
+    put_batch = shd.put_batch
+    monkeypatch.setattr(shd, "put_batch", lambda *a, **kw: placed.append(put_batch(*a, **kw))
+                        or placed[-1])
+    run = dict(global_batch=16, grad_accum=2, max_steps=3, save_every=100)
     ref_dir = tmp_path / "m111"
-    train(tiny_cfg(tiny_setup, ref_dir, global_batch=8, grad_accum=2, max_steps=3))
+    train(tiny_cfg(tiny_setup, ref_dir, **run))
     ref = losses(ref_dir)
     for d, f, t in ((8, 1, 1), (2, 4, 1), (2, 2, 2)):
+        placed.clear()
         out = tmp_path / f"m{d}{f}{t}"
-        train(tiny_cfg(tiny_setup, out, global_batch=8, grad_accum=2, max_steps=3,
-                       mesh_data=d, mesh_fsdp=f, mesh_tensor=t))
+        train(tiny_cfg(tiny_setup, out, mesh_data=d, mesh_fsdp=f, mesh_tensor=t, **run))
         np.testing.assert_allclose(losses(out), ref, rtol=2e-5, atol=1e-6, err_msg=f"mesh {d},{f},{t}")
+        assert len(placed) == 3
+        for name, x in placed[0].items():           # [accum 2, rows 8, ...]
+            assert x.shape[:2] == (2, 8)
+            assert x.sharding.spec[1] == ("data", "fsdp"), (name, x.sharding.spec)
+            assert x.sharding.shard_shape(x.shape)[:2] == (2, 8 // (d * f)), name
+            rows = {tuple(range(*s.index[1].indices(8))) for s in x.addressable_shards}
+            assert len(rows) == d * f               # d * f distinct row blocks
 
 
 def test_resume_reaches_same_loss(tiny_setup, tmp_path):
@@ -208,3 +224,48 @@ def test_nan_stops_and_keeps_last_good_checkpoint(tiny_setup, tmp_path):
         train(tiny_cfg(tiny_setup, out, max_steps=4, save_every=1, learning_rate=float("nan")))
     assert sorted(int(s) for s in os.listdir(out / "checkpoints") if s.isdigit())[-1] == 2
     assert len(losses(out)) == 2
+
+
+def test_save_once_when_export_lands_on_a_save_step_and_log_trimmed_at_step_0(tiny_setup, tmp_path):
+    """save_every=1 with an export_at_minutes export on the same step saves that step once (no
+    StepAlreadyExistsError); a run that died before its first checkpoint left metrics.jsonl
+    lines, and the restart from step 0 starts a fresh log (no duplicate steps)."""
+    from train.run import train
+    out = tmp_path / "same"
+    os.makedirs(out)
+    with open(out / "metrics.jsonl", "w") as f:      # the dead run's steps 1..3, no checkpoint
+        f.writelines(json.dumps({"step": i, "loss": 99.0}) + "\n" for i in (1, 2, 3))
+    train(tiny_cfg(tiny_setup, out, max_steps=2, save_every=1, export_at_minutes="0.0001"))
+    assert sorted(os.listdir(out / "checkpoints")) == ["1", "2"]
+    assert os.path.isdir(out / "model-0.0001min")
+    assert [json.loads(l)["step"] for l in open(out / "metrics.jsonl")] == [1, 2]
+    assert 99.0 not in losses(out)
+
+
+def test_set_accepts_several_and_repeated():
+    from train.run import build_parser
+    a = build_parser().parse_args(["--set", "seq_len=64", "remat=false", "--set", "seed=3",
+                                   "--config", "x.yaml", "--set", "seq_len=128"])
+    assert a.set == ["seq_len=64", "remat=false", "seed=3", "seq_len=128"]
+    cfg = load_config(None, a.set)
+    assert (cfg.seq_len, cfg.remat, cfg.seed) == (128, False, 3)   # the later override wins
+    assert build_parser().parse_args([]).set == []
+
+
+@pytest.mark.parametrize("global_batch,grad_accum,mesh,ok", [
+    (16, 2, (1, -1, 1), True),      # 8 rows over 8 devices
+    (32, 2, (2, 2, 2), True),       # 16 rows over data x fsdp = 4
+    (8, 2, (1, -1, 1), False),      # 4 rows over 8 devices: would be replicated
+    (12, 1, (2, 4, 1), False),      # 12 rows over 8: uneven
+])
+def test_micro_batch_must_split_over_data_fsdp(global_batch, grad_accum, mesh, ok):
+    from orthrus_jax import sharding as shd
+    from orthrus_jax.config import ConfigError
+    from train.run import check_micro_batch
+    cfg = load_config(None, [f"global_batch={global_batch}", f"grad_accum={grad_accum}"])
+    m = shd.make_mesh(*mesh)
+    if ok:
+        check_micro_batch(cfg, m)
+    else:
+        with pytest.raises(ConfigError, match=r"global_batch/grad_accum = .* data x fsdp"):
+            check_micro_batch(cfg, m)

@@ -8,10 +8,12 @@ cycle, bonus excluded (the decoder's definition); also TPF and per-position acce
 from __future__ import annotations
 
 import json
+import sys
 
 import jax.numpy as jnp
 import numpy as np
 
+from convert.errors import run_cli
 from infer.decoder import generate, summarize
 from infer.text import encode, load_tokenizer
 from train.make_data import load_any_model, read_prompts
@@ -39,7 +41,7 @@ def evaluate(model_dir: str, prompts_path: str, n: int = 20, max_new_tokens: int
     return out
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m train.eval_accept", description=__doc__)
     ap.add_argument("--model", required=True)
     ap.add_argument("--prompts", default="/work/shared/data/prompts-dev.jsonl")
@@ -47,10 +49,10 @@ def main(argv=None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--greedy-only", action="store_true")
     a = ap.parse_args(argv)
-    res = evaluate(a.model, a.prompts, a.n, a.max_new_tokens,
-                   settings=("greedy",) if a.greedy_only else ("greedy", "sampled"))
-    print(json.dumps(res))
+    return run_cli(lambda: print(json.dumps(evaluate(
+        a.model, a.prompts, a.n, a.max_new_tokens,
+        settings=("greedy",) if a.greedy_only else ("greedy", "sampled")))))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 import time
 from typing import Any
 
@@ -22,11 +23,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
+from convert.errors import run_cli
 from orthrus_jax.cli import ArgumentParser
+from orthrus_jax.config import ConfigError
 from orthrus_jax import sharding as shd
 from orthrus_jax.checkpoint import write_model_dir
 from orthrus_jax.params import merge_params, param_summary, split_params
-from train.config import TrainConfig, load_config
+from train.config import TrainConfig, add_set_argument, export_minutes, load_config
 from train.data import PackedRows, DocSource, make_dataset
 from train.make_data import load_any_model
 from train.step import LossOptions, cosine_lr, make_optimizer, make_train_step
@@ -56,11 +59,41 @@ def _tree_copy(tree):
     return jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), tree)
 
 
+def check_micro_batch(cfg: TrainConfig, mesh) -> None:
+    """The rows of a micro-batch must split evenly over data x fsdp devices (and processes):
+    otherwise the batch would be silently replicated (fit_spec drops the axis) or uneven."""
+    devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    pc = jax.process_count()
+    mb = cfg.micro_batch
+    if mb % devices:
+        raise ConfigError(
+            f"micro-batch global_batch/grad_accum = {cfg.global_batch}/{cfg.grad_accum} = {mb} rows "
+            f"is not a multiple of the mesh's data x fsdp = {mesh.shape['data']} x "
+            f"{mesh.shape['fsdp']} = {devices} devices (mesh {dict(mesh.shape)}): choose "
+            f"global_batch, grad_accum or mesh_data/mesh_fsdp so that it is")
+    if mb % pc:
+        raise ConfigError(f"micro-batch global_batch/grad_accum = {mb} rows is not a multiple of "
+                          f"the {pc} processes")
+
+
+def check_dirs(cfg: TrainConfig) -> None:
+    for key, need in (("model_dir", "config.json"), ("data_dir", "offsets.npy")):
+        path = getattr(cfg, key)
+        if not path:
+            raise ConfigError(f"config: {key} is not set")
+        if not os.path.isfile(os.path.join(path, need)):
+            what = "directory not found" if not os.path.isdir(path) else f"no {need} in it"
+            hint = " (make it with python -m train.make_data)" if key == "data_dir" else ""
+            raise ConfigError(f"{key} {path}: {what}{hint}")
+
+
 def build(cfg: TrainConfig) -> Trainer:
+    check_dirs(cfg)
     shd.maybe_initialize_distributed(cfg.distributed)
     mesh = shd.make_mesh(cfg.mesh_data, cfg.mesh_fsdp, cfg.mesh_tensor)
+    check_micro_batch(cfg, mesh)
     dt = jnp.dtype(cfg.compute_dtype)
-    model_cfg, params = load_any_model(cfg.model_dir, jnp.float32)
+    model_cfg, params = load_any_model(cfg.model_dir, jnp.float32, mesh)
     if model_cfg.block_size != cfg.block_size:
         model_cfg = dataclasses.replace(model_cfg, block_size=cfg.block_size)
     backbone, trainable = split_params(params)
@@ -73,7 +106,8 @@ def build(cfg: TrainConfig) -> Trainer:
     rows = PackedRows(DocSource(cfg.data_dir), cfg.seq_len, cfg.seed, 1)
     batches_per_epoch = rows.rows_per_epoch // cfg.global_batch
     if batches_per_epoch == 0:
-        raise ValueError(f"{cfg.data_dir}: fewer rows ({rows.rows_per_epoch}) than global_batch")
+        raise ConfigError(f"data_dir {cfg.data_dir}: fewer rows of seq_len={cfg.seq_len} "
+                          f"({rows.rows_per_epoch}) than global_batch={cfg.global_batch}")
     total = cfg.max_steps or int(batches_per_epoch * cfg.epochs)
     data_epochs = math.ceil(total / batches_per_epoch) + 1
     dataset = make_dataset(cfg.data_dir, cfg.seq_len, cfg.anchors_per_row, cfg.block_size,
@@ -123,12 +157,30 @@ def restore(tr: Trainer) -> tuple[int, dict | None]:
 
 
 def export(tr: Trainer, out_dir: str, dtype: str | None = None) -> str:
-    """A full model dir: backbone + trained heads, loadable by infer and convert."""
+    """A full model dir: backbone + trained heads, loadable by infer and convert.
+
+    Every process must call it: with several processes the globally sharded arrays are gathered
+    (one leaf at a time) by all of them, and process 0 writes."""
     dt = jnp.dtype(dtype or tr.cfg.export_dtype)
-    host = jax.device_get(merge_params(tr.backbone, tr.trainable))
-    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dt), host)
-    write_model_dir(out_dir, tr.model_cfg, params, tr.cfg.model_dir, overwrite=True)
+    tree = merge_params(tr.backbone, tr.trainable)
+    if jax.process_count() == 1:
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dt), jax.device_get(tree))
+    else:   # host numpy arrays: Orbax refuses process-local jax.Arrays in a multi-process run
+        from jax.experimental import multihost_utils
+        params = jax.tree_util.tree_map(
+            lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)).astype(dt), tree)
+    if jax.process_index() == 0:
+        write_model_dir(out_dir, tr.model_cfg, params, tr.cfg.model_dir, overwrite=True)
     return out_dir
+
+
+def same_on_all_processes(x: float) -> float:
+    """Process 0's value of a host float: what is decided from a wall clock (the LR by time,
+    exports, the time limit) must agree across processes, or their collectives diverge."""
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+    return float(multihost_utils.broadcast_one_to_all(np.float32(x)))
 
 
 def plot_metrics(log_path: str, png_path: str) -> None:
@@ -181,9 +233,8 @@ def train(cfg: TrainConfig) -> dict:
         elapsed0 = float(data_state.get("elapsed_s", 0.0))
     log_path = os.path.join(cfg.out_dir, "metrics.jsonl")
     png_path = os.path.join(cfg.out_dir, "training.png")
-    export_minutes = sorted(float(x) for x in str(cfg.export_at_minutes).split(",") if x.strip())
-    export_minutes = [m for m in export_minutes
-                      if not os.path.isdir(os.path.join(cfg.out_dir, f"model-{m:g}min"))]
+    minutes = [m for m in export_minutes(cfg.export_at_minutes)
+               if not os.path.isdir(os.path.join(cfg.out_dir, f"model-{m:g}min"))]
     accum, rows_local = cfg.grad_accum, cfg.global_batch // jax.process_count() // cfg.grad_accum
     tokens_per_step = cfg.global_batch * cfg.seq_len
     is_main = jax.process_index() == 0
@@ -192,9 +243,9 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=tr.total_steps, initial=step, desc="train", unit="step", disable=not is_main)
     train_time, summary = 0.0, {}
     last_saved = step
-    if os.path.exists(log_path) and step > 0:  # keep the log consistent with the checkpoint
+    if is_main and os.path.exists(log_path):  # keep the log consistent with the checkpoint
         kept = [l for l in open(log_path) if l.strip() and json.loads(l)["step"] <= step]
-        with open(log_path, "w") as f:
+        with open(log_path, "w") as f:  # no checkpoint (step 0): an empty log
             f.writelines(kept)
     with jax.set_mesh(tr.mesh):
         while step < tr.total_steps:
@@ -216,7 +267,7 @@ def train(cfg: TrainConfig) -> dict:
                                     f"{tr.manager.latest_step()}")
             tr.trainable, tr.opt_state = trainable, opt_state
             step += 1
-            train_time += dt
+            train_time = same_on_all_processes(train_time + dt)  # LR, export, stop: in step
             record = {"step": step, "loss": loss, "accept_len": float(metrics["accept_len"]),
                       "agree": [round(float(a), 4) for a in metrics["agree"]],
                       "grad_norm": float(metrics["grad_norm"]), "targets": int(metrics["targets"]),
@@ -232,50 +283,54 @@ def train(cfg: TrainConfig) -> dict:
                                 lr=f"{record['lr']:.1e}", tok_s=f"{record['tokens_per_s']:.0f}")
                 if cfg.plot_every and step % cfg.plot_every == 0:
                     plot_metrics(log_path, png_path)
-            state = {"iterator": it.get_state(), "elapsed_s": elapsed0 + train_time}
-            if step % cfg.save_every == 0 or step == tr.total_steps:
-                save(tr, step, state)
-                last_saved = step
-            if export_minutes and record["elapsed_s"] >= 60 * export_minutes[0]:
-                m = export_minutes.pop(0)
-                save(tr, step, state)
-                last_saved = step
-                if is_main:
-                    export(tr, os.path.join(cfg.out_dir, f"model-{m:g}min"))
-            if cfg.export_every and step % cfg.export_every == 0 and is_main:
+            export_now = bool(minutes) and record["elapsed_s"] >= 60 * minutes[0]
+            if step % cfg.save_every == 0 or step == tr.total_steps or export_now:
+                save(tr, step, {"iterator": it.get_state(), "elapsed_s": elapsed0 + train_time})
+                last_saved = step   # each step is saved at most once
+            if export_now:
+                export(tr, os.path.join(cfg.out_dir, f"model-{minutes.pop(0):g}min"))
+            if cfg.export_every and step % cfg.export_every == 0:
                 export(tr, os.path.join(cfg.out_dir, f"model-step{step}"))
             if cfg.time_limit_s and record["elapsed_s"] >= cfg.time_limit_s:
                 break
     bar.close()
     if last_saved != step:
         save(tr, step, {"iterator": it.get_state(), "elapsed_s": elapsed0 + train_time})
-    if is_main:
-        if os.path.exists(log_path):
-            plot_metrics(log_path, png_path)
-        if cfg.export_at_end:
-            export(tr, os.path.join(cfg.out_dir, "model"))
+    if is_main and os.path.exists(log_path):
+        plot_metrics(log_path, png_path)
+    if cfg.export_at_end:
+        export(tr, os.path.join(cfg.out_dir, "model"))
     tr.manager.close()
     return {"step": step, **summary}
 
 
-def main(argv=None) -> None:
-    ap = ArgumentParser(prog="python -m train.run", description=__doc__,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default=None, help="YAML file (train/configs/*.yaml)")
-    ap.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides")
-    ap.add_argument("--export", default=None, metavar="DIR",
-                    help="only export the latest checkpoint as a full model dir, then exit")
-    a = ap.parse_args(argv)
+def run(a: argparse.Namespace) -> None:
     cfg = load_config(a.config, a.set)
     if a.export:
         tr = build(cfg)
         step, _ = restore(tr)
         export(tr, a.export)
-        print(f"exported step {step} to {a.export}")
+        if jax.process_index() == 0:
+            print(f"exported step {step} to {a.export}")
         return
     out = train(cfg)
     print(json.dumps({k: v for k, v in out.items() if k != "agree"}))
 
 
+def build_parser() -> argparse.ArgumentParser:
+    ap = ArgumentParser(prog="python -m train.run", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default=None, help="YAML file (train/configs/*.yaml)")
+    add_set_argument(ap)
+    ap.add_argument("--export", default=None, metavar="DIR",
+                    help="only export the latest checkpoint as a full model dir, then exit")
+    return ap
+
+
+def main(argv=None) -> int:
+    a = build_parser().parse_args(argv)
+    return run_cli(lambda: run(a))
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
