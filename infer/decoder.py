@@ -204,8 +204,9 @@ def _traced_step(params, spec, state, sampling):
 
 
 prefill_jit = jax.jit(prefill_fn, static_argnums=(1,))
-loop_jit = jax.jit(loop_fn, static_argnums=(1,))
-step_jit = jax.jit(_traced_step, static_argnums=(1,))
+# the state (KV cache included) is donated: the loop updates it in place, with no entry copy
+loop_jit = jax.jit(loop_fn, static_argnums=(1,), donate_argnums=(2,))
+step_jit = jax.jit(_traced_step, static_argnums=(1,), donate_argnums=(2,))
 
 
 # ---------------------------------------------------------------------------------------------
