@@ -16,12 +16,18 @@ from orthrus_jax.params import (
 )
 
 QWEN3 = {  # the public Qwen3 config.json shape fields
+    "0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
+                 num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
     "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
                  num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
     "4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
     "8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
                num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
+    "14B": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
+                num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
+    "32B": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
+                num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
 }
 
 
@@ -47,6 +53,32 @@ def test_param_summary_line_for_qwen3_8b():
     """The line that convert, train.run, train.memcheck and bench.gpu print: the paper's "16 %"."""
     assert param_summary(qwen3_config("8B")) == (
         "parameters: 9.701B = frozen backbone 8.191B + trainable _diff 1.510B (15.6 % trainable)")
+
+
+@pytest.mark.parametrize("size", ["0.6B", "1.7B", "4B", "8B", "14B", "32B"])
+@pytest.mark.parametrize("greedy", [True, False])
+def test_decoder_code_paths_at_every_qwen3_size(size, greedy):
+    """jax.eval_shape of the decoder's prefill and one Orthrus cycle (K 32, bf16, batch 2) at
+    every public Qwen3 size, 0.6B (head_dim 128 != hidden / heads) to 32B: the same code, no
+    weights allocated."""
+    from infer import decoder
+
+    cfg = qwen3_config(size)
+    params = param_shapes(cfg, jnp.bfloat16)
+    spec = decoder.make_spec(cfg, max_new_tokens=256, temperature=0.0 if greedy else 0.7,
+                             top_k=0 if greedy else 20, top_p=1.0 if greedy else 0.8)
+    batch, prompt = 2, 512
+    i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
+    sampling = decoder.Sampling.make(0.7, 0.8)
+    key = jax.ShapeDtypeStruct((2,), jnp.uint32)
+    state = jax.eval_shape(lambda p, t, n, m, k: decoder.prefill_fn(p, spec, t, n, m, sampling, k),
+                           params, i32(batch, prompt), i32(batch), i32(batch), key)
+    assert state.cache.k.shape == (cfg.num_layers, batch, spec.cache_len(prompt),
+                                   cfg.num_kv_heads, cfg.head_dim)
+    assert state.cache.k.dtype == jnp.bfloat16
+    after = jax.eval_shape(lambda p, st: decoder.step_fn(p, spec, st, sampling), params, state)
+    assert jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), after) == \
+        jax.tree_util.tree_map(lambda a: (a.shape, a.dtype), state)  # a while_loop carry
 
 
 def test_trainable_tree_is_exactly_the_diff_twins():
