@@ -8,7 +8,10 @@ import pytest
 from orthrus_jax.checkpoint import write_model_dir
 from orthrus_jax.config import ConfigError
 from orthrus_jax.params import init_params
+from tests.conftest import REPO
 from train.config import TrainConfig, load_config
+
+QWEN3_8B = str(REPO / "train" / "configs" / "qwen3-8b.yaml")
 
 
 @pytest.mark.parametrize("item,message", [
@@ -68,7 +71,7 @@ def test_good_values_and_spellings(tmp_path):
         assert load_config(None, [f"remat={word}"]).remat is value
     assert TrainConfig().micro_batch == 8
     for name in ("micro-cpu", "qwen3-1.7b", "qwen3-4b", "qwen3-8b"):
-        load_config(f"train/configs/{name}.yaml")
+        load_config(str(REPO / "train" / "configs" / f"{name}.yaml"))
 
 
 def test_missing_config_file():
@@ -97,9 +100,9 @@ def test_commands_print_one_line_errors(tmp_path, capsys, micro_model_dir):
     err = one_line_error(run.main, ["--set", f"model_dir={tmp_path}", "data_dir=x"], capsys)
     assert f"model_dir {tmp_path}: no config.json in it" in err
     assert "seq_len: expected an integer" in one_line_error(
-        memcheck.main, ["--config", "train/configs/qwen3-8b.yaml", "--set", "seq_len=2.7"], capsys)
+        memcheck.main, ["--config", QWEN3_8B, "--set", "seq_len=2.7"], capsys)
     assert "--shape nope: not one of" in one_line_error(
-        memcheck.main, ["--config", "train/configs/qwen3-8b.yaml", "--shape", "nope"], capsys)
+        memcheck.main, ["--config", QWEN3_8B, "--shape", "nope"], capsys)
     assert str(tmp_path / "nomodel") in one_line_error(
         eval_accept.main, ["--model", str(tmp_path / "nomodel")], capsys)
 
