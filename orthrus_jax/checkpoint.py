@@ -125,12 +125,18 @@ _MALLOC_TRIM: Any = None
 
 def _leaf_writer() -> ocp.Checkpointer:
     """A synchronous PyTree checkpointer (the format StandardCheckpointer reads) whose numpy
-    handler does not deep-copy: the default copies every host array before writing."""
+    handler does not deep-copy (the default copies every host array before writing), local to
+    this process: in a multi-host run one process writes host arrays alone, and Orbax's default
+    barriers would wait for every process."""
     registry = ocp.type_handlers.create_type_handler_registry(
         (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
         (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)),
     )
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry))
+    me = jax.process_index()
+    local = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.Checkpointer(
+        ocp.PyTreeCheckpointHandler(type_handler_registry=registry, multiprocessing_options=local),
+        multiprocessing_options=local)
 
 
 def write_model_dir_streaming(out_dir: str, cfg: Qwen3Config, leaves: Iterable[tuple[str, Any]],

@@ -24,27 +24,6 @@ RUN = dict(global_batch=16, grad_accum=2, max_steps=2, save_every=1, export_at_e
            export_dtype="float32", mesh_fsdp=-1, export_at_minutes="0.0001")
 
 
-# The export is written by process 0 alone, but orthrus_jax.checkpoint's leaf writer is an Orbax
-# Checkpointer with default multiprocessing options, whose barriers wait for every process (a
-# deadlock). Until that module makes its writer process-local (proposed upstream: exactly the
-# options below), the test installs such a writer, so that what train.run does (all processes
-# gather, process 0 writes host arrays) is what is tested.
-PROCESS_LOCAL_WRITER = """
-import jax, numpy as np, orbax.checkpoint as ocp
-from orthrus_jax import checkpoint as _ck
-def _process_local_writer():
-    me = jax.process_index()
-    mp = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
-    registry = ocp.type_handlers.create_type_handler_registry(
-        (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False)),
-        (jax.Array, ocp.type_handlers.get_type_handler(jax.Array)))
-    return ocp.Checkpointer(ocp.PyTreeCheckpointHandler(type_handler_registry=registry,
-                                                        multiprocessing_options=mp),
-                            multiprocessing_options=mp)
-_ck._leaf_writer = _process_local_writer
-"""
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
@@ -56,7 +35,7 @@ def launch(n_proc: int, devices: int, cfg, timeout: int = 400) -> list[str]:
     each; returns their outputs."""
     port = free_port()
     sets = [f"{k}={v}" for k, v in {**dataclasses.asdict(cfg), "distributed": True}.items()]
-    code = PROCESS_LOCAL_WRITER + (
+    code = (
         "import sys, jax; from train.run import main; rc = main(sys.argv[1:]); "
         "print('initialized', jax.distributed.is_initialized(), jax.process_count()); "
         "sys.exit(rc)")
