@@ -8,8 +8,8 @@ With --config, the trainer is train.run.build(config) (model, data pipeline, mes
 jitted train.step.make_train_step), its checkpoints redirected to a temporary directory; batches
 come from the config's data_dir (made by `python -m train.make_data`). With --shape, the same step
 runs on random weights at a Qwen3 shape (bench.gpu.SHAPES; backbone initialised in the compute
-dtype, _diff twins in fp32) and synthetic rows (all positions supervised, anchors drawn as
-train.data.sample_anchors draws them); that path imports nothing from grain, orbax or the data
+dtype, _diff twins in fp32) and synthetic rows (all positions supervised, anchors drawn by
+train.anchors.sample_anchors, as in training); that path imports nothing from grain, orbax or the data
 pipeline: jax, flax, optax and numpy suffice (matplotlib only for the PNG, skipped without it).
 After --warmup steps (compile), --steps steps are timed one by one. tokens/s = global_batch *
 seq_len / step seconds, as train.run logs it.
@@ -41,6 +41,7 @@ import numpy as np
 
 from bench import common
 from orthrus_jax.cli import ArgumentParser
+from train.config import add_set_argument
 
 # ---------------------------------------------------------------------------------------------
 # FLOPs model
@@ -116,20 +117,6 @@ def from_config(tcfg) -> Bench:
                  cleanup)
 
 
-def synthetic_anchors(rng: np.random.Generator, num: int, seq_len: int, block_size: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """train.data.sample_anchors for a row supervised at every position but 0 (same draws from
-    the same rng), without importing train.data (which needs grain): up to num sorted anchors,
-    without replacement, in 1 <= a <= L - K; missing slots are anchor 1, invalid."""
-    cand = np.arange(1, seq_len - block_size + 1)
-    take = min(num, cand.size)
-    anchors, valid = np.ones(num, np.int32), np.zeros(num, bool)
-    if take:
-        anchors[:take] = np.sort(rng.choice(cand, size=take, replace=False))
-        valid[:take] = True
-    return anchors, valid
-
-
 def from_shape(tcfg, shape: str) -> Bench:
     """Random weights at a bench.gpu shape; the same optimizer and step as train.run.build.
 
@@ -139,6 +126,7 @@ def from_shape(tcfg, shape: str) -> Bench:
     from bench.gpu import SHAPES
     from orthrus_jax import sharding as shd
     from orthrus_jax.params import init_params, split_params
+    from train.anchors import sample_anchors
     from train.step import LossOptions, make_optimizer, make_train_step
 
     model_cfg = dataclasses.replace(SHAPES[shape], block_size=tcfg.block_size)
@@ -162,8 +150,7 @@ def from_shape(tcfg, shape: str) -> Bench:
             tokens = rng.integers(1, model_cfg.vocab_size - 1, (n, s)).astype(np.int32)
             mask = np.ones((n, s), np.int32)
             mask[:, 0] = 0
-            anc = [synthetic_anchors(rng, tcfg.anchors_per_row, s, tcfg.block_size)
-                   for _ in range(n)]
+            anc = [sample_anchors(row, tcfg.anchors_per_row, tcfg.block_size, rng) for row in mask]
             yield {"tokens": tokens, "mask": mask,
                    "anchors": np.stack([a for a, _ in anc]),
                    "anchor_valid": np.stack([v for _, v in anc])}
@@ -301,8 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m bench.train", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="train YAML (train/configs/*.yaml)")
-    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                   help="train config overrides, as train.run")
+    add_set_argument(p)
     p.add_argument("--shape", default=None,
                    help="random weights at a bench.gpu shape (qwen3-1.7b, qwen3-8b, tiny) and "
                         "synthetic rows, instead of the config's model and data")

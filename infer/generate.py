@@ -127,15 +127,9 @@ def run(args: argparse.Namespace) -> int:
     prompts = read_prompts(args)
     cfg, params = load_model(model_dir, getattr(jnp, DTYPES[args.dtype]))
     tok = text.load_tokenizer(model_dir)
-    if args.chat:
-        rendered = []
-        for p in prompts:
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
-            messages.append({"role": "user", "content": p})
-            rendered.append(text.render_chat(model_dir, messages,
-                                              enable_thinking=args.enable_thinking))
-    else:
-        rendered = prompts
+    rendered = ([text.chat_prompt(model_dir, p, system=args.system,
+                                  enable_thinking=args.enable_thinking) for p in prompts]
+                if args.chat else prompts)
     ids = [text.encode(tok, r) for r in rendered]
     stream = (len(prompts) == 1 and not args.json and not args.no_stream)
     on_tokens = None

@@ -85,6 +85,15 @@ def render_chat(model_dir: str, messages: list[dict[str, str]], *, enable_thinki
         raise ConfigError(f"{model_dir}: the chat template failed: {err}") from None
 
 
+def chat_prompt(model_dir: str, user: str, *, system: str | None = None,
+                enable_thinking: bool = False) -> str:
+    """One user message (after an optional system message) rendered with the model's chat
+    template, ready for the assistant's reply (Qwen3's thinking off unless enable_thinking)."""
+    messages = [{"role": "system", "content": system}] if system else []
+    messages.append({"role": "user", "content": user})
+    return render_chat(model_dir, messages, enable_thinking=enable_thinking)
+
+
 class StreamDecoder:
     """Turns a growing list of token ids into text deltas, holding back split UTF-8 characters."""
 

@@ -157,20 +157,6 @@ def test_bench_train_without_data_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_synthetic_anchors_match_sample_anchors():
-    """bench.train draws anchors for all-supervised rows as train.data.sample_anchors does."""
-    from bench.train import synthetic_anchors
-    from train.data import sample_anchors
-
-    for seq_len, num, k in ((64, 4, 8), (40, 48, 32), (512, 48, 32)):
-        mask = np.ones(seq_len, np.int32)
-        mask[0] = 0
-        want = sample_anchors(mask, num, k, np.random.default_rng(3))
-        got = synthetic_anchors(np.random.default_rng(3), num, seq_len, k)
-        np.testing.assert_array_equal(got[0], want[0])
-        np.testing.assert_array_equal(got[1], want[1])
-
-
 @pytest.mark.parametrize("kind, dtype, peak", [
     ("NVIDIA H100 80GB HBM3", "bfloat16", 989e12),     # SXM
     ("NVIDIA H100 PCIe", "bfloat16", 756e12),

@@ -14,6 +14,7 @@ import grain
 import numpy as np
 
 from orthrus_jax.config import ConfigError
+from train.anchors import sample_anchors  # noqa: F401  (also re-exported)
 
 
 class DocSource(grain.sources.RandomAccessDataSource):
@@ -76,23 +77,6 @@ class PackedRows(grain.sources.RandomAccessDataSource):
 
     def __repr__(self) -> str:
         return f"PackedRows({self.docs!r}, L={self.seq_len}, seed={self.seed})"
-
-
-def sample_anchors(mask: np.ndarray, num: int, block_size: int,
-                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Up to num sorted anchors, without replacement, at response positions 1 <= a <= L - K.
-
-    Returns (anchors int32[num], valid bool[num]); missing slots are anchor 1, invalid.
-    """
-    seq_len = mask.shape[0]
-    cand = np.flatnonzero(mask[1: seq_len - block_size + 1]) + 1
-    take = min(num, cand.size)
-    anchors = np.ones(num, np.int32)
-    valid = np.zeros(num, bool)
-    if take:
-        anchors[:take] = np.sort(rng.choice(cand, size=take, replace=False))
-        valid[:take] = True
-    return anchors, valid
 
 
 def make_dataset(data_dir: str, seq_len: int, anchors_per_row: int, block_size: int,

@@ -1,9 +1,11 @@
 """Acceptance of a model dir under infer.decoder.generate (Orthrus mode) on dev prompts.
 
     python -m train.eval_accept --model DIR [--prompts FILE --n 20 --max-new-tokens 128]
+        [--chat [--system TEXT]]
 
 Greedy and sampled (T 0.7, top-p 0.8, top-k 20). acceptance_length = drafts accepted per
 cycle, bonus excluded (the decoder's definition); also TPF and per-position acceptance.
+With --chat the prompts are formatted as train.make_data --chat formats them.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ import numpy as np
 
 from convert.errors import run_cli
 from infer.decoder import generate, summarize
-from infer.text import encode, load_tokenizer
-from train.make_data import load_any_model, read_prompts
+from infer.text import load_tokenizer
+from train.make_data import load_any_model, prompt_ids, read_prompts
 from orthrus_jax.cli import ArgumentParser
 
 SETTINGS = {"greedy": dict(temperature=0.0),
@@ -24,11 +26,13 @@ SETTINGS = {"greedy": dict(temperature=0.0),
 
 
 def evaluate(model_dir: str, prompts_path: str, n: int = 20, max_new_tokens: int = 128,
-             batch_size: int = 20, settings=("greedy", "sampled")) -> dict:
+             batch_size: int = 20, settings=("greedy", "sampled"), chat: bool = False,
+             system: str | None = None) -> dict:
     cfg, params = load_any_model(model_dir, jnp.float32)
     tok = load_tokenizer(model_dir)
-    prompts = [encode(tok, t) for t in read_prompts(prompts_path, n)]
-    out = {"model": model_dir, "prompts": n, "max_new_tokens": max_new_tokens}
+    prompts = prompt_ids(tok, model_dir, read_prompts(prompts_path, n),
+                         cfg.max_position_embeddings - max_new_tokens, chat=chat, system=system)
+    out = {"model": model_dir, "prompts": n, "max_new_tokens": max_new_tokens, "chat": chat}
     for name in settings:
         res = generate(params, cfg, prompts, mode="orthrus", max_new_tokens=max_new_tokens,
                        batch_size=batch_size, **SETTINGS[name])
@@ -48,10 +52,16 @@ def main(argv=None) -> int:
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--greedy-only", action="store_true")
+    ap.add_argument("--chat", action="store_true",
+                    help="format prompts with the chat template, as train.make_data --chat")
+    ap.add_argument("--system", default=None, help="with --chat: a system message first")
     a = ap.parse_args(argv)
+    if a.system is not None and not a.chat:
+        ap.error("argument --system: only with --chat")
     return run_cli(lambda: print(json.dumps(evaluate(
         a.model, a.prompts, a.n, a.max_new_tokens,
-        settings=("greedy",) if a.greedy_only else ("greedy", "sampled")))))
+        settings=("greedy",) if a.greedy_only else ("greedy", "sampled"), chat=a.chat,
+        system=a.system))))
 
 
 if __name__ == "__main__":

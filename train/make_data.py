@@ -28,7 +28,7 @@ import numpy as np
 from tqdm import tqdm
 
 from convert.errors import run_cli
-from infer.text import encode, load_tokenizer, render_chat
+from infer.text import chat_prompt, encode, load_tokenizer
 from orthrus_jax import sharding as shd
 from orthrus_jax.cli import ArgumentParser
 from orthrus_jax.cache import init_cache
@@ -128,9 +128,8 @@ def prompt_ids(tok, model_dir: str, texts: list[str], max_prompt_tokens: int, ch
     the generation prompt and Qwen3's thinking switched off (the paper's format)."""
     if not chat:
         return [tok.encode(t).ids[-max_prompt_tokens:] for t in texts]
-    head = [{"role": "system", "content": system}] if system is not None else []
-    return [encode(tok, render_chat(model_dir, head + [{"role": "user", "content": t}]))
-            [-max_prompt_tokens:] for t in texts]
+    return [encode(tok, chat_prompt(model_dir, t, system=system))[-max_prompt_tokens:]
+            for t in texts]
 
 
 def _chunk_path(out_dir: str, c: int) -> str:
