@@ -124,3 +124,25 @@ def test_chat_without_template_is_one_line(micro_model_dir, prompts, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert rc == 2 and len(err.splitlines()) == 1 and "has no chat template" in err, err
     assert not out.exists()                              # nothing written
+
+
+def test_eval_accept_formats_prompts_as_make_data(chat_model, prompts, monkeypatch):
+    """train.eval_accept --chat decodes the prompts exactly as make_data --chat wrote them, and
+    reports the decoder's statistics for each setting."""
+    from train import eval_accept
+
+    seen = []
+    real = eval_accept.generate
+
+    def spy(params, cfg, ids, **kw):
+        seen.append([list(x) for x in ids])
+        return real(params, cfg, ids, **kw)
+    monkeypatch.setattr(eval_accept, "generate", spy)
+    out = eval_accept.evaluate(str(chat_model), prompts, n=2, max_new_tokens=8,
+                               settings=("greedy",), chat=True, system="Be brief.")
+    tok = load_tokenizer(str(chat_model))
+    assert seen[0] == md.prompt_ids(tok, str(chat_model), md.read_prompts(prompts, 2), 1024,
+                                    chat=True, system="Be brief.")
+    g = out["greedy"]
+    assert out["chat"] and g["prompts"] == 2 and g["tokens"] == 16
+    assert g["forward_passes"] == 2 + 2 * g["cycles"] and len(g["position_acceptance"]) == 31
