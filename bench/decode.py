@@ -257,9 +257,11 @@ def plot(path: str, rows, batch_sizes, engines, title: str) -> None:
 def markdown(record: dict[str, Any]) -> str:
     a = record["args"]
     lines = [common.md_preamble("Decode benchmark: HF generate vs ours (AR) vs Orthrus", record),
-             f"- model: `{a['model']}` (dtype {a['dtype']}), HF peer: `{a['hf_dir']}` "
-             f"(torch {record.get('torch', '?')}, {record.get('torch_threads', '?')} threads, "
-             f"{record.get('torch_threads_source', '?')})",
+             f"- model: `{a['model']}` (dtype {a['dtype']}), " + (
+                 f"HF peer: `{a['hf_dir']}` (torch {record.get('torch', '?')}, "
+                 f"{record.get('torch_threads', '?')} threads, "
+                 f"{record.get('torch_threads_source', '?')})" if "torch" in record
+                 else "HF peer: not run (--engines)"),
              f"- {a['num_prompts']} prompts from `{a['prompts']}` (last <= {a['max_prompt_tokens']}"
              f" tokens, mean {record['prompt_tokens_mean']:.0f}), max_new_tokens "
              f"{a['max_new_tokens']}, temperature {a['temperature']}, block size K = "
