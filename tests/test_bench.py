@@ -195,3 +195,29 @@ def test_peak_flops_cpu_and_mfu():
     assert "h100 pcie" in r["peak_source"]
     r = mfu(756e12, m, "float32", 2)
     assert r["mfu"] is None and r["peak_flops"] is None and "float32" in r["peak_source"]
+
+
+def test_train_sweep_collect_only(tmp_path, capsys):
+    """bench.train_sweep --collect-only: a record (json, md, png) from finished runs; bad --only
+    is one line."""
+    from bench import train_sweep
+
+    stats = {"acceptance_length": 1.25, "tpf": 1.12, "position_acceptance": [0.9, 0.3, 0.05]}
+    for name in ("base", "a24"):
+        run_dir = tmp_path / "work" / "runs" / f"{name}-10"
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": i, "step_s": 0.5 + i / 100, "loss": 3.0, "accept_len": 1.2}) + "\n"
+            for i in range(1, 11)))
+        (tmp_path / "work" / f"eval-{name}-10.json").write_text(
+            json.dumps({"greedy": stats, "sampled": stats}))
+    record = train_sweep.main(["--collect-only", "--work-dir", str(tmp_path / "work"), "--steps",
+                               "10", "--out-dir", str(tmp_path / "out")])
+    assert [r["name"] for r in record["runs"]] == ["base", "a24"]
+    assert all(os.path.exists(p) for p in record["files"].values()) and "png" in record["files"]
+    assert "| a24 | 24 anchors per row |" in open(record["files"]["markdown"]).read()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        train_sweep.main(["--collect-only", "--only", "nope", "--work-dir", str(tmp_path)])
+    assert capsys.readouterr().err.strip().endswith("--only: unknown run 'nope'; choose from "
+                                                    f"{list(train_sweep.RUNS)}")

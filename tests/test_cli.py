@@ -9,7 +9,7 @@ import pytest
 
 COMMANDS = ("convert.hf_to_orbax", "convert.orbax_to_hf", "infer.generate", "train.run",
             "train.make_data", "train.eval_accept", "train.memcheck", "bench.decode",
-            "bench.train", "bench.gpu", "bench.convert_memory")
+            "bench.train", "bench.gpu", "bench.convert_memory", "bench.train_sweep")
 
 
 @pytest.mark.parametrize("module", COMMANDS)
