@@ -100,11 +100,7 @@ class Qwen3Config:
             return float(value)
 
         heads = integer("num_attention_heads")
-        eos = hf.get("eos_token_id")
-        eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
-        if any(isinstance(e, bool) or not isinstance(e, int) for e in eos_ids):
-            raise ConfigError(f"{source}: field eos_token_id must be an integer or a list of "
-                              f"integers, got {eos!r}")
+        eos_ids = eos_token_ids(hf.get("eos_token_id"), source)
         # mask id: the config's, else the tokenizer's (load_config), else the last embedding row
         mask_default = (default_mask_token_id if default_mask_token_id is not None
                         else integer("vocab_size") - 1)
@@ -128,7 +124,7 @@ class Qwen3Config:
                                                 HF_DEFAULT_MAX_POSITIONS),
                 block_size=integer("block_size", DEFAULT_BLOCK_SIZE),
                 mask_token_id=integer("mask_token_id", mask_default),
-                eos_token_ids=tuple(eos_ids),
+                eos_token_ids=eos_ids,
             )
         except ConfigError as err:
             raise ConfigError(f"{source}: {err}") from None
@@ -253,10 +249,13 @@ def generation_eos_token_ids(model_dir: str) -> tuple[int, ...] | None:
             eos = json.load(f).get("eos_token_id")
     except (json.JSONDecodeError, AttributeError) as err:
         raise ConfigError(f"{path}: not a valid generation config ({err})") from None
-    if eos is None:
-        return None
-    eos_ids = eos if isinstance(eos, list) else [eos]
+    return None if eos is None else eos_token_ids(eos, path)
+
+
+def eos_token_ids(eos: Any, source: str) -> tuple[int, ...]:
+    """An eos_token_id field (an integer, a list of them, or None) as a tuple of ids."""
+    eos_ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
     if any(isinstance(e, bool) or not isinstance(e, int) for e in eos_ids):
-        raise ConfigError(f"{path}: field eos_token_id must be an integer or a list of integers, "
-                          f"got {eos!r}")
+        raise ConfigError(f"{source}: field eos_token_id must be an integer or a list of "
+                          f"integers, got {eos!r}")
     return tuple(eos_ids)
