@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
 import shutil
 import statistics
 import tempfile
@@ -83,27 +82,15 @@ def _mesh_context(mesh):
     return jax.set_mesh(mesh) if hasattr(jax, "set_mesh") else mesh
 
 
-DATA_FILES = ("tokens.npy", "mask.npy", "offsets.npy")  # what train.make_data writes
-
-
-def check_data_dir(tcfg) -> None:
-    """UsageError, naming data_dir and the command that makes it, unless the data exists."""
-    missing = [f for f in DATA_FILES if not os.path.exists(os.path.join(tcfg.data_dir, f))]
-    if tcfg.data_dir and not missing:
-        return
-    where = (f"data_dir {tcfg.data_dir!r} has no {missing[0]}" if tcfg.data_dir
-             else "the config sets no data_dir")
-    raise common.UsageError(
-        f"{where}; make the data first: python -m train.make_data --model "
-        f"{tcfg.model_dir or 'MODEL_DIR'} --prompts PROMPTS.jsonl --out "
-        f"{tcfg.data_dir or 'DATA_DIR'} (or time random weights with --shape)")
-
-
 def from_config(tcfg) -> Bench:
     """The trainer of train.run.build, its checkpoint manager pointed at a temporary directory."""
-    from train.run import build
+    from orthrus_jax.config import ConfigError
+    from train.run import build, check_dir
 
-    check_data_dir(tcfg)
+    try:
+        check_dir(tcfg, "data_dir")  # before the model loads
+    except ConfigError as err:
+        raise common.UsageError(f"{err}; or time random weights with --shape") from None
 
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     tr = build(dataclasses.replace(tcfg, out_dir=tmp))

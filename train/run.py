@@ -76,15 +76,23 @@ def check_micro_batch(cfg: TrainConfig, mesh) -> None:
                           f"the {pc} processes")
 
 
+REQUIRED_FILE = {"model_dir": "config.json", "data_dir": "offsets.npy"}
+
+
+def check_dir(cfg: TrainConfig, key: str) -> None:
+    """ConfigError naming the key unless cfg's model_dir / data_dir holds what training reads."""
+    path, need = getattr(cfg, key), REQUIRED_FILE[key]
+    if not path:
+        raise ConfigError(f"config: {key} is not set")
+    if not os.path.isfile(os.path.join(path, need)):
+        what = "directory not found" if not os.path.isdir(path) else f"no {need} in it"
+        hint = " (make it with python -m train.make_data)" if key == "data_dir" else ""
+        raise ConfigError(f"{key} {path}: {what}{hint}")
+
+
 def check_dirs(cfg: TrainConfig) -> None:
-    for key, need in (("model_dir", "config.json"), ("data_dir", "offsets.npy")):
-        path = getattr(cfg, key)
-        if not path:
-            raise ConfigError(f"config: {key} is not set")
-        if not os.path.isfile(os.path.join(path, need)):
-            what = "directory not found" if not os.path.isdir(path) else f"no {need} in it"
-            hint = " (make it with python -m train.make_data)" if key == "data_dir" else ""
-            raise ConfigError(f"{key} {path}: {what}{hint}")
+    for key in REQUIRED_FILE:
+        check_dir(cfg, key)
 
 
 def build(cfg: TrainConfig) -> Trainer:
