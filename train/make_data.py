@@ -126,10 +126,8 @@ def prompt_ids(tok, model_dir: str, texts: list[str], max_prompt_tokens: int, ch
     """Token ids of each prompt (its last max_prompt_tokens): the text as is, or with --chat the
     text as a user message (after an optional system message) in the model's chat template, with
     the generation prompt and Qwen3's thinking switched off (the paper's format)."""
-    if not chat:
-        return [tok.encode(t).ids[-max_prompt_tokens:] for t in texts]
-    return [encode(tok, chat_prompt(model_dir, t, system=system))[-max_prompt_tokens:]
-            for t in texts]
+    return [encode(tok, chat_prompt(model_dir, t, system=system) if chat else t)
+            [-max_prompt_tokens:] for t in texts]
 
 
 def _chunk_path(out_dir: str, c: int) -> str:
