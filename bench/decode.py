@@ -1,7 +1,7 @@
 """Decode throughput: HF transformers generate vs our AR mode vs Orthrus, per batch size.
 
-    python -m bench.decode --model checkpoints/demo --hf-dir /work/shared/models/micro-qwen3 \
-        --prompts /work/shared/data/prompts-dev.jsonl --num-prompts 64 --max-new-tokens 256 \
+    python -m bench.decode --model checkpoints/demo --hf-dir testbed/micro-qwen3 \
+        --prompts testbed/prompts/prompts-dev.jsonl --num-prompts 64 --max-new-tokens 256 \
         --batch-sizes 1,4,8,16,32
 
 One run times three engines on the same token-id prompts (raw text, no chat template), the same
@@ -27,6 +27,7 @@ import numpy as np
 
 from bench import common
 from infer import decoder
+from orthrus_jax import paths
 from orthrus_jax.cli import ArgumentParser
 
 ENGINES = ("hf", "ar", "orthrus")
@@ -375,11 +376,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m bench.decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="checkpoints/demo",
+    p.add_argument("--model", default=paths.default_path(paths.DEMO_MODEL_DIR),
                    help="Orthrus model dir (params/), or an HF dir (diffusion twins = AR copies)")
-    p.add_argument("--hf-dir", default="/work/shared/models/micro-qwen3",
+    p.add_argument("--hf-dir", default=paths.default_path(paths.MICRO_MODEL_DIR),
                    help="HF model dir of the same backbone, for the transformers peer")
-    p.add_argument("--prompts", default="/work/shared/data/prompts-dev.jsonl",
+    p.add_argument("--prompts", default=paths.default_path(paths.DEV_PROMPTS),
                    help="JSONL with a \"prompt\" field per line")
     p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: from --model/--hf-dir)")
     p.add_argument("--num-prompts", type=int, default=64)

@@ -26,6 +26,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from bench import common
+from orthrus_jax import paths
 from orthrus_jax.cli import ArgumentParser
 
 CONFIG = "train/configs/micro-cpu.yaml"
@@ -162,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work-dir", default="sweep", help="data, runs and evaluations (default sweep)")
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per run (default 600)")
     p.add_argument("--only", default="", help=f"comma-separated subset of {','.join(RUNS)}")
-    p.add_argument("--model", default="/work/shared/models/micro-qwen3")
-    p.add_argument("--prompts", default="/work/shared/data/prompts-train.jsonl")
+    p.add_argument("--model", default=paths.default_path(paths.MICRO_MODEL_DIR))
+    p.add_argument("--prompts", default=paths.default_path(paths.TRAIN_PROMPTS))
     p.add_argument("--collect-only", action="store_true",
                    help="write the record from the finished runs in --work-dir, train nothing")
     p.add_argument("--note", default="", help="a line for the record (how the runs were made)")

@@ -1,4 +1,4 @@
-"""Test setup: 8 fake CPU devices for sharding tests, paths to the shared test bed."""
+"""Test setup: 8 fake CPU devices for sharding tests, paths to the test bed in testbed/."""
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
@@ -8,23 +8,20 @@ import pathlib  # noqa: E402
 
 import pytest  # noqa: E402
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-MICRO_MODEL = SHARED / "models" / "micro-qwen3"
-DEV_PROMPTS = SHARED / "data" / "prompts-dev.jsonl"
-TRAIN_PROMPTS = SHARED / "data" / "prompts-train.jsonl"
+from orthrus_jax.paths import (DEV_PROMPTS, MICRO_MODEL_DIR as MICRO_MODEL,  # noqa: E402,F401
+                               REPO_ROOT as REPO, TRAIN_PROMPTS)
 
 
 @pytest.fixture(scope="session")
 def micro_model_dir() -> pathlib.Path:
     if not MICRO_MODEL.exists():
-        pytest.fail(f"{MICRO_MODEL} is missing: the shared test bed must sit beside the repo")
+        pytest.fail(f"{MICRO_MODEL} is missing: the test bed ships in testbed/ of the repo")
     return MICRO_MODEL
 
 
 @pytest.fixture(scope="session")
 def micro_fp32(micro_model_dir):
-    """(config, fp32 params with _diff copied from AR) of the shared micro model."""
+    """(config, fp32 params with _diff copied from AR) of the micro model."""
     from convert.hf_params import read_hf_params
 
     return read_hf_params(str(micro_model_dir))

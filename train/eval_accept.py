@@ -19,6 +19,7 @@ from convert.errors import run_cli
 from infer.decoder import generate, summarize
 from infer.text import load_tokenizer
 from train.make_data import load_any_model, prompt_ids, read_prompts
+from orthrus_jax import paths
 from orthrus_jax.cli import ArgumentParser
 
 SETTINGS = {"greedy": dict(temperature=0.0),
@@ -48,7 +49,7 @@ def evaluate(model_dir: str, prompts_path: str, n: int = 20, max_new_tokens: int
 def main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m train.eval_accept", description=__doc__)
     ap.add_argument("--model", required=True)
-    ap.add_argument("--prompts", default="/work/shared/data/prompts-dev.jsonl")
+    ap.add_argument("--prompts", default=paths.default_path(paths.DEV_PROMPTS))
     ap.add_argument("--n", type=int, default=20)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--greedy-only", action="store_true")
