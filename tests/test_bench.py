@@ -11,6 +11,8 @@ import textwrap
 import numpy as np
 import pytest
 
+from orthrus_jax.paths import DEV_PROMPTS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # bench.train --shape on a tiny shape: 1 row of 64 tokens, 4 anchors of K 8, fp32, one device
@@ -71,9 +73,8 @@ def test_bench_gpu_refuses_real_shapes_without_gpu(tmp_path, capsys):
 def test_bench_decode_smoke(tmp_path, micro_model_dir):
     from bench import decode
 
-    prompts = micro_model_dir.parents[1] / "data" / "prompts-dev.jsonl"
     rec = decode.main(["--model", str(micro_model_dir), "--hf-dir", str(micro_model_dir),
-                       "--prompts", str(prompts), "--num-prompts", "2",
+                       "--prompts", str(DEV_PROMPTS), "--num-prompts", "2",
                        "--max-new-tokens", "8", "--max-prompt-tokens", "16", "--block-size", "8",
                        "--batch-sizes", "1", "--torch-threads", "1", "--out-dir", str(tmp_path)])
     assert rec["all_outputs_match"] is True

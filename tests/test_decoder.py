@@ -13,6 +13,7 @@ import pytest
 from infer import decoder
 from infer.decoder import GenerationError, generate
 from orthrus_jax.params import DIFF_KEYS, init_params
+from orthrus_jax.paths import DEV_PROMPTS
 
 N_PROMPTS = 20
 NEW = 64
@@ -24,7 +25,7 @@ def prompt_ids(micro_model_dir):
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(micro_model_dir / "tokenizer.json"))
-    with open(micro_model_dir.parents[1] / "data" / "prompts-dev.jsonl") as f:
+    with open(DEV_PROMPTS) as f:
         prompts = [json.loads(line)["prompt"] for line in f][:N_PROMPTS]
     return [tok.encode(p, add_special_tokens=False).ids for p in prompts]
 
