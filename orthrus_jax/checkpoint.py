@@ -176,6 +176,7 @@ def write_model_dir_streaming(out_dir: str, cfg: Qwen3Config, leaves: Iterable[t
                 index[name] = {"dir": sub, "shape": list(arr.shape)}
                 del arr  # before the iterator makes the next leaf
                 release_freed_memory()
+        scrub_commit_markers(params_dir)
         missing = [n for n in expected if n not in index]
         if missing:
             raise ValueError(f"parameter leaf {missing[0]!r} missing ({len(missing)} in all)")
@@ -186,6 +187,16 @@ def write_model_dir_streaming(out_dir: str, cfg: Qwen3Config, leaves: Iterable[t
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf, f, indent=2)
         copy_model_files(tokenizer_dir, tmp)
+
+
+def scrub_commit_markers(params_dir: str) -> None:
+    """Orbax's commit_success.txt markers name the absolute (temporary) path they were written
+    to; restate each relative to the model directory, so a model dir names no machine path."""
+    for sub in sorted(os.listdir(params_dir)):
+        marker = os.path.join(params_dir, sub, "commit_success.txt")
+        if os.path.isfile(marker):
+            with open(marker, "w") as f:
+                f.write(f"Checkpoint commit was successful to {PARAMS_SUBDIR}/{sub}")
 
 
 def write_model_dir(out_dir: str, cfg: Qwen3Config, params: Params, tokenizer_dir: str,
