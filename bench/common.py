@@ -5,6 +5,7 @@ import argparse
 import datetime
 import json
 import os
+import pathlib
 import platform
 import re
 import shlex
@@ -17,7 +18,10 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
-DEFAULT_OUT_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+from orthrus_jax import paths
+
+# bench/results of this clone; records name it (and every path below the repo) repo-relative
+DEFAULT_OUT_DIR = paths.default_path(paths.REPO_ROOT / "bench" / "results")
 
 # Dense (no sparsity) tensor-core peak FLOP/s for bf16/fp16 matmuls, per device, keyed by the
 # words of jax's device_kind (e.g. "NVIDIA H100 80GB HBM3" is the SXM part, "NVIDIA H100 PCIe"
@@ -164,8 +168,19 @@ def stamp() -> tuple[str, str]:
 def header(kind: str, args: Any) -> dict[str, Any]:
     date, file_stamp = stamp()
     return {"bench": kind, "date": date, "stamp": file_stamp, "command": args.command,
-            "args": {k: v for k, v in vars(args).items() if k != "command"},
+            "args": {k: repo_relative(v) for k, v in vars(args).items() if k != "command"},
             "machine": machine_info()}
+
+
+def repo_relative(value: Any) -> Any:
+    """An absolute path below the repository as a repo-relative one (records must not name the
+    machine's directories); anything else unchanged."""
+    if isinstance(value, str) and os.path.isabs(value):
+        try:
+            return str(pathlib.Path(value).resolve().relative_to(paths.REPO_ROOT))
+        except ValueError:
+            return value
+    return value
 
 
 def result_path(out_dir: str, kind: str, file_stamp: str, ext: str) -> str:
@@ -186,7 +201,7 @@ def write_record(out_dir: str, kind: str, record: dict[str, Any],
             files["png"] = result_path(out_dir, kind, record["stamp"], "png")
         else:
             record["png_skipped"] = "matplotlib is not installed"
-    record["files"] = files
+    record["files"] = {k: repo_relative(v) for k, v in files.items()}
     record["load_avg_end"] = load_avg()
     write_json(files["json"], record)
     with open(files["markdown"], "w") as f:

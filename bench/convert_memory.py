@@ -1,6 +1,6 @@
 """Peak RSS of convert.hf_to_orbax on a random-weights bf16 model of a real Qwen3 shape.
 
-    python -m bench.convert_memory --size 0.6B --workdir /tmp/convmem
+    python -m bench.convert_memory --size 0.6B [--workdir DIR]
 
 Writes sharded random safetensors (never allocating the whole model), converts them in a
 subprocess that reports its own peak RSS (VmHWM), prints it against the model's bytes, and
@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import ml_dtypes
@@ -103,8 +104,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m bench.convert_memory",
                             description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=sorted(SHAPES), default="0.6B", help="Qwen3 shape")
-    parser.add_argument("--workdir", default="/tmp/convmem", help="scratch dir (deleted after)")
+    parser.add_argument("--workdir", default=None,
+                        help="scratch dir, deleted after (default: a new temporary directory)")
     args = parse_with_command(parser, argv)
+    args.workdir = args.workdir or tempfile.mkdtemp(prefix="convmem-")
     print("command:", args.command, flush=True)  # for the record: the exact command line
     shutil.rmtree(args.workdir, ignore_errors=True)
     hf_dir, out = os.path.join(args.workdir, "hf"), os.path.join(args.workdir, "out")

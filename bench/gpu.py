@@ -49,7 +49,7 @@ SHAPES: dict[str, Qwen3Config] = {
 }
 CPU_SHAPES = ("tiny",)
 # Acceptance lengths (drafts accepted per cycle, bonus excluded) to project the speedup at; from
-# /work/shared/docs/orthrus-method.md. Only the first was measured end to end outside the paper.
+# the Orthrus method notes (paper tables and the vLLM PR). Only the first was measured end to end outside the paper.
 PROJECTED_AL: dict[float, str] = {
     3.84: "vLLM PR 46007 (Qwen3-4B, MT-Bench, 1.66x measured)",
     6.0: "a middle value",

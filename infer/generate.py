@@ -7,21 +7,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import sys
 from typing import Sequence
 
 from orthrus_jax.cli import ArgumentParser
 
-DEFAULT_MODEL = "checkpoints/demo"
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def default_model_dir() -> str:
-    """checkpoints/demo in the working directory, else the one beside this package."""
-    if os.path.isdir(DEFAULT_MODEL):
-        return DEFAULT_MODEL
-    return str(pathlib.Path(__file__).resolve().parents[1] / DEFAULT_MODEL)
+    """The demo checkpoint of this clone (checkpoints/demo), or a one-line error."""
+    from orthrus_jax import paths
+
+    return paths.shipped(paths.DEMO_MODEL_DIR, "--model")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "baseline through the same cache and loop.")
     p.add_argument("--model", default=None,
                    help="model directory written by convert or train (config.json, tokenizer files, "
-                        f"params/); default: {DEFAULT_MODEL}")
+                        "params/); default: checkpoints/demo of this clone")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="one prompt (text)")
     src.add_argument("--prompts-file", help="JSONL file with a \"prompt\" field per line; run in "

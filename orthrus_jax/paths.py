@@ -16,6 +16,17 @@ DEV_PROMPTS = TESTBED_DIR / "prompts" / "prompts-dev.jsonl"
 TRAIN_PROMPTS = TESTBED_DIR / "prompts" / "prompts-train.jsonl"
 
 
+def shipped(path: pathlib.Path, flag: str) -> str:
+    """A shipped file or directory as a path string; one line naming `flag` when this install
+    has no repository around the package (a non-editable `pip install .` ships neither the demo
+    nor the test bed)."""
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: the demo checkpoint and test bed ship with a clone of the "
+            f"repository (installed editable, as setup.sh does); pass {flag} explicitly")
+    return default_path(path)
+
+
 def default_path(path: pathlib.Path) -> str:
     """A shipped path as a flag default: relative to the working directory when it lies below
     it (so help texts and records show `checkpoints/demo`), else absolute."""
