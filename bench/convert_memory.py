@@ -1,6 +1,6 @@
 """Peak RSS of convert.hf_to_orbax on a random-weights bf16 model of a real Qwen3 shape.
 
-    python -m bench.convert_memory --size 0.6B [--workdir DIR]
+    python -m bench.convert_memory --size qwen3-0.6b [--workdir DIR]
 
 Writes sharded random safetensors (never allocating the whole model), converts them in a
 subprocess that reports its own peak RSS (VmHWM), prints it against the model's bytes, and
@@ -20,27 +20,21 @@ import ml_dtypes
 import numpy as np
 
 from bench.common import parse_with_command
-from convert.hf_params import write_safetensors_streaming
+from orthrus_jax.hf import write_safetensors_streaming
 from orthrus_jax.cli import ArgumentParser
+from orthrus_jax.shapes import QWEN3_SIZES, qwen3_hf_config
 
-SHAPES = {
-    "0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
-    # small enough for a test: ~0.18 GB, largest leaf 32 MiB
-    "tiny": dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=16,
-                 num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True,
-                 vocab_size=32768),
-    "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
-}
+# A small shape for the test (~0.18 GB, largest leaf 32 MiB): Qwen3-0.6B's layout, narrowed.
+TEST_SHAPE = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=16,
+                  num_attention_heads=8, num_key_value_heads=4, vocab_size=32768)
+SIZES = (*QWEN3_SIZES, "test")
 
 
 def write_random_model(size: str, hf_dir: str, n_shards: int = 2) -> int:
-    hf = {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "vocab_size": 151936,
-          "head_dim": 128, "rope_theta": 1e6, "rms_norm_eps": 1e-6, "eos_token_id": 151645,
-          **SHAPES[size]}
+    hf = qwen3_hf_config("qwen3-0.6b" if size == "test" else size, eos_token_id=151645,
+                         **(TEST_SHAPE if size == "test" else {}))
     hf["mask_token_id"] = hf["vocab_size"] - 1
-    d, f, hd = hf["hidden_size"], hf["intermediate_size"], 128
+    d, f, hd = hf["hidden_size"], hf["intermediate_size"], hf["head_dim"]
     q, kv = hf["num_attention_heads"] * hd, hf["num_key_value_heads"] * hd
     shapes = {"model.embed_tokens.weight": (hf["vocab_size"], d), "model.norm.weight": (d,)}
     for i in range(hf["num_hidden_layers"]):
@@ -87,7 +81,7 @@ runpy.run_module("convert.hf_to_orbax", run_name="__main__", alter_sys=True)
 
 def baseline_rss() -> int:
     """Peak RSS in bytes of a process that only imports the converter and starts JAX."""
-    code = ("import jax.numpy as jnp, convert.hf_to_orbax, convert.hf_params, "
+    code = ("import jax.numpy as jnp, convert.hf_to_orbax, orthrus_jax.hf, "
             "orthrus_jax.checkpoint; jnp.zeros(1).block_until_ready()\n" + _CHILD.split("sys.argv")[0])
     got = subprocess.run([sys.executable, "-c", code], check=True, stdout=subprocess.PIPE, text=True)
     return int(got.stdout.split("VmHWM_KiB")[-1].split()[0]) * 1024
@@ -103,7 +97,7 @@ def converter_peak_rss(hf_dir: str, out: str, *extra: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m bench.convert_memory",
                             description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=sorted(SHAPES), default="0.6B", help="Qwen3 shape")
+    parser.add_argument("--size", choices=SIZES, default="qwen3-0.6b", help="Qwen3 shape")
     parser.add_argument("--workdir", default=None,
                         help="scratch dir, deleted after (default: a new temporary directory)")
     args = parse_with_command(parser, argv)

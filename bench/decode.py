@@ -66,7 +66,7 @@ def load_ours(model_dir: str, dtype: str) -> tuple[Any, Any]:
     if os.path.isdir(os.path.join(model_dir, "params")):
         from orthrus_jax.checkpoint import load_model
         return load_model(model_dir, dt)
-    from convert.hf_params import read_hf_params
+    from orthrus_jax.hf import read_hf_params
     return read_hf_params(model_dir, dt)
 
 

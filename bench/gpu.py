@@ -35,18 +35,8 @@ from orthrus_jax.cli import ArgumentParser
 from orthrus_jax.config import Qwen3Config
 from orthrus_jax.params import (DIFF_KEYS, DIFF_SOURCE, count_params, init_params, param_shapes,
                                 param_summary)
+from orthrus_jax.shapes import SHAPE_NAMES, shape_config
 
-SHAPES: dict[str, Qwen3Config] = {
-    "qwen3-1.7b": Qwen3Config(vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-                              num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
-                              tie_word_embeddings=True, mask_token_id=151669),
-    "qwen3-8b": Qwen3Config(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-                            num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128,
-                            tie_word_embeddings=False, mask_token_id=151669),
-    "tiny": Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-                        num_heads=2, num_kv_heads=1, head_dim=32, tie_word_embeddings=True,
-                        max_position_embeddings=4096, block_size=8, mask_token_id=511),
-}
 CPU_SHAPES = ("tiny",)
 # Acceptance lengths (drafts accepted per cycle, bonus excluded) to project the speedup at; from
 # the Orthrus method notes (paper tables and the vLLM PR). Only the first was measured end to end outside the paper.
@@ -147,7 +137,7 @@ def time_mode(params, cfg: Qwen3Config, mode: str, prompts: list[list[int]], new
 
 
 def bench_shape(name: str, args: argparse.Namespace, bw: float) -> dict[str, Any]:
-    cfg = SHAPES[name]
+    cfg = shape_config(name)
     k = int(args.block_size or cfg.block_size)
     dtype = jnp.dtype(args.dtype)
     init = jax.jit(functools.partial(init_params, cfg, dtype=dtype))
@@ -235,9 +225,9 @@ def plot(path: str, record: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     shapes = [s.strip() for s in args.shape.split(",") if s.strip()]
-    unknown = [s for s in shapes if s not in SHAPES]
+    unknown = [s for s in shapes if s not in SHAPE_NAMES]
     if unknown:
-        raise common.UsageError(f"unknown shape {unknown[0]!r}; choose from {sorted(SHAPES)}")
+        raise common.UsageError(f"unknown shape {unknown[0]!r}; choose from {', '.join(SHAPE_NAMES)}")
     if args.repeats < 1:
         raise common.UsageError(f"--repeats {args.repeats}: give N >= 1")
     check_platform(shapes)
@@ -260,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m bench.gpu", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen3-1.7b,qwen3-8b",
-                   help=f"comma-separated, from {sorted(SHAPES)}; only 'tiny' runs without a GPU")
+                   help=f"comma-separated, from {', '.join(SHAPE_NAMES)}; only 'tiny' runs without a GPU")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=512)

@@ -7,7 +7,7 @@
 With --config, the trainer is train.run.build(config) (model, data pipeline, mesh, optimizer, the
 jitted train.step.make_train_step), its checkpoints redirected to a temporary directory; batches
 come from the config's data_dir (made by `python -m train.make_data`). With --shape, the same step
-runs on random weights at a Qwen3 shape (bench.gpu.SHAPES; backbone initialised in the compute
+runs on random weights at a Qwen3 shape (orthrus_jax.shapes; backbone initialised in the compute
 dtype, _diff twins in fp32) and synthetic rows (all positions supervised, anchors drawn by
 train.anchors.sample_anchors, as in training); that path imports nothing from grain, orbax or the data
 pipeline: jax, flax, optax and numpy suffice (matplotlib only for the PNG, skipped without it).
@@ -40,6 +40,7 @@ import numpy as np
 
 from bench import common
 from orthrus_jax.cli import ArgumentParser
+from orthrus_jax.shapes import SHAPE_NAMES, shape_config
 from train.config import add_set_argument
 
 # ---------------------------------------------------------------------------------------------
@@ -105,18 +106,17 @@ def from_config(tcfg) -> Bench:
 
 
 def from_shape(tcfg, shape: str) -> Bench:
-    """Random weights at a bench.gpu shape; the same optimizer and step as train.run.build.
+    """Random weights at an orthrus_jax.shapes shape; the same optimizer and step as train.run.build.
 
     The backbone is initialised directly in the compute dtype (Qwen3-8B: 16 GB in bf16, not 33 GB
     in fp32 first); the trainable _diff twins are then cast to fp32 masters, as train.run holds
     them."""
-    from bench.gpu import SHAPES
     from orthrus_jax import sharding as shd
     from orthrus_jax.params import init_params, split_params
     from train.anchors import sample_anchors
     from train.step import LossOptions, make_optimizer, make_train_step
 
-    model_cfg = dataclasses.replace(SHAPES[shape], block_size=tcfg.block_size)
+    model_cfg = dataclasses.replace(shape_config(shape), block_size=tcfg.block_size)
     mesh = shd.make_mesh(tcfg.mesh_data, tcfg.mesh_fsdp, tcfg.mesh_tensor)
     dt = jnp.dtype(tcfg.compute_dtype)
     backbone, trainable = split_params(jax.jit(functools.partial(init_params, model_cfg, dtype=dt))(
@@ -236,10 +236,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     except (OSError, ValueError, TypeError) as err:
         raise common.UsageError(f"config: {' '.join(str(err).split())}") from None
     if args.shape:
-        from bench.gpu import SHAPES
-
-        if args.shape not in SHAPES:
-            raise common.UsageError(f"--shape {args.shape!r}: choose from {sorted(SHAPES)}")
+        if args.shape not in SHAPE_NAMES:
+            raise common.UsageError(f"--shape {args.shape!r}: choose from {', '.join(SHAPE_NAMES)}")
     record = common.header("train", args)
     if args.shape:
         if not tcfg.model_dir:
@@ -277,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default=None, help="train YAML (train/configs/*.yaml)")
     add_set_argument(p)
     p.add_argument("--shape", default=None,
-                   help="random weights at a bench.gpu shape (qwen3-1.7b, qwen3-8b, tiny) and "
+                   help=f"random weights at a shape ({', '.join(SHAPE_NAMES)}) and "
                         "synthetic rows, instead of the config's model and data")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (compile) first")
     p.add_argument("--steps", type=int, default=5, help="timed steps")

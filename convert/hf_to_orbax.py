@@ -14,12 +14,11 @@ import sys
 
 from tqdm import tqdm
 
-from convert.errors import run_cli
-from convert.hf_params import AUTO_DTYPE, DTYPES, count_hf_tensors, iter_hf_leaves
-from orthrus_jax.cli import ArgumentParser
+from orthrus_jax.cli import ArgumentParser, run_cli
 from orthrus_jax.checkpoint import write_model_dir_streaming
 from orthrus_jax.config import load_config
 from orthrus_jax.params import param_summary
+from orthrus_jax.hf import AUTO_DTYPE, DTYPES, count_hf_tensors, iter_hf_leaves
 
 
 def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = AUTO_DTYPE, overwrite: bool = False,

@@ -21,12 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from convert.errors import run_cli
-from convert.hf_params import hf_tensor_plan, write_hf_safetensors
-from orthrus_jax.cli import ArgumentParser
+from orthrus_jax.cli import ArgumentParser, run_cli
 from orthrus_jax.checkpoint import (
     atomic_directory, copy_model_files, iter_model_leaves, model_leaf_specs, read_source_config,
 )
+from orthrus_jax.hf import hf_tensor_plan, write_hf_safetensors
 
 MODELING_MODULE = "modeling_orthrus"  # the module name Orthrus exports use for remote code
 

@@ -32,7 +32,9 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from orthrus_jax import sharding as shd
 from orthrus_jax.config import ConfigError, Qwen3Config, load_config
+from orthrus_jax.hf import assemble, iter_hf_leaves, read_hf_params
 from orthrus_jax.params import Params, assemble_leaves, iter_leaves, param_shapes
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json",
@@ -289,3 +291,30 @@ def load_model(model_dir: str, dtype: Any = None) -> tuple[Qwen3Config, Params]:
     """
     cfg = load_config(model_dir)
     return cfg, assemble_leaves(iter_model_leaves(model_dir, dtype))
+
+
+def load_any_model(model_dir: str, dtype: Any = jnp.float32, mesh: Any = None,
+                   ) -> tuple[Qwen3Config, Params]:
+    """(cfg, params) from an Orthrus model dir (params/) or an HF dir (model.safetensors), one
+    leaf at a time, cast to dtype.
+
+    With a mesh, every leaf goes straight into its sharding by orthrus_jax.sharding's rules: an
+    Orthrus dir is restored into them by Orbax, an HF leaf is read on the host and each process
+    places only its own shards (no whole copy on one device); missing _diff twins of an HF dir
+    are copies of their AR weights."""
+    if os.path.isdir(os.path.join(model_dir, PARAMS_SUBDIR)):
+        if mesh is None:
+            return load_model(model_dir, dtype)
+        cfg, specs = model_leaf_specs(model_dir)
+        shardings = dict(iter_leaves(shd.param_shardings(assemble_leaves(specs.items()), mesh)))
+        return cfg, assemble_leaves(iter_model_leaves(model_dir, dtype, shardings))
+    if mesh is None:
+        return read_hf_params(model_dir, dtype)
+    cfg, leaves = iter_hf_leaves(model_dir, dtype, copy_diff=True)
+    shardings = dict(iter_leaves(shd.param_shardings(param_shapes(cfg), mesh)))
+
+    def placed():
+        for name, arr in leaves:
+            yield name, jax.make_array_from_callback(arr.shape, shardings[name],
+                                                     lambda index, arr=arr: arr[index])
+    return cfg, assemble(cfg, placed())

@@ -22,6 +22,6 @@ def micro_model_dir() -> pathlib.Path:
 @pytest.fixture(scope="session")
 def micro_fp32(micro_model_dir):
     """(config, fp32 params with _diff copied from AR) of the micro model."""
-    from convert.hf_params import read_hf_params
+    from orthrus_jax.hf import read_hf_params
 
     return read_hf_params(str(micro_model_dir))

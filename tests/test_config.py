@@ -14,27 +14,12 @@ from orthrus_jax.config import ConfigError, Qwen3Config, load_config
 from orthrus_jax.params import (
     DIFF_KEYS, count_params, param_shapes, param_summary, split_params, trainable_fraction,
 )
-
-QWEN3 = {  # the public Qwen3 config.json shape fields
-    "0.6B": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
-    "1.7B": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                 num_attention_heads=16, num_key_value_heads=8, tie_word_embeddings=True),
-    "4B": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
-               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=True),
-    "8B": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-               num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
-    "14B": dict(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40,
-                num_attention_heads=40, num_key_value_heads=8, tie_word_embeddings=False),
-    "32B": dict(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64,
-                num_attention_heads=64, num_key_value_heads=8, tie_word_embeddings=False),
-}
+from orthrus_jax.shapes import shape_config
 
 
 def qwen3_config(size: str, **extra) -> Qwen3Config:
-    hf = {"model_type": "qwen3", "vocab_size": 151936, "head_dim": 128, "rope_theta": 1e6,
-          **QWEN3[size], **extra}
-    return Qwen3Config.from_hf_dict(hf, default_mask_token_id=151669)
+    """A public Qwen3 size ('8B') from the one shape table, orthrus_jax.shapes."""
+    return shape_config(f"qwen3-{size.lower()}", **extra)
 
 
 @pytest.mark.parametrize("size,base,diff,share", [

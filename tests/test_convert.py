@@ -16,7 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from convert import hf_to_orbax, orbax_to_hf
-from convert.hf_params import read_hf_params
+from orthrus_jax.hf import read_hf_params
 from orthrus_jax.checkpoint import load_model
 from orthrus_jax.params import DIFF_KEYS, DIFF_SOURCE, LAYER_KEYS
 from tests.conftest import REPO
@@ -374,7 +374,7 @@ def test_converter_streams_peak_memory_under_one_model(tmp_path):
     than the model's bytes (streaming: ~0.4x measured; the whole-tree save was ~2.35x)."""
     from bench.convert_memory import baseline_rss, converter_peak_rss, write_random_model
 
-    model_bytes = write_random_model("tiny", str(tmp_path / "hf"))
+    model_bytes = write_random_model("test", str(tmp_path / "hf"))
     peak = converter_peak_rss(str(tmp_path / "hf"), str(tmp_path / "out"))
     base = baseline_rss()
     assert os.path.exists(tmp_path / "out" / "params")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from convert.hf_params import read_hf_params
+from orthrus_jax.hf import read_hf_params
 from orthrus_jax import ar_forward, diffusion_forward, draft_block, init_cache, lm_logits
 from orthrus_jax.params import cast_params
 from tests.conftest import DEV_PROMPTS

@@ -15,12 +15,12 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 
-from convert.errors import run_cli
 from infer.decoder import generate, summarize
 from infer.text import load_tokenizer
-from train.make_data import load_any_model, prompt_ids, read_prompts
 from orthrus_jax import paths
-from orthrus_jax.cli import ArgumentParser
+from orthrus_jax.checkpoint import load_any_model
+from orthrus_jax.cli import ArgumentParser, run_cli
+from train.make_data import prompt_ids, read_prompts
 
 SETTINGS = {"greedy": dict(temperature=0.0),
             "sampled": dict(temperature=0.7, top_p=0.8, top_k=20, seed=0)}

@@ -22,85 +22,22 @@ import sys
 import time
 import zipfile
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from convert.errors import run_cli
+from infer.decoder import generate
 from infer.text import chat_prompt, encode, load_tokenizer
-from orthrus_jax import sharding as shd
-from orthrus_jax.cli import ArgumentParser
-from orthrus_jax.cache import init_cache
+from orthrus_jax.checkpoint import load_any_model
+from orthrus_jax.cli import ArgumentParser, run_cli
 from orthrus_jax.config import ConfigError, Qwen3Config
-from orthrus_jax.model import ar_forward, lm_logits
-
-
-def load_any_model(model_dir: str, dtype=jnp.float32, mesh=None):
-    """(cfg, params) from an Orthrus model dir (params/) or an HF dir (model.safetensors).
-
-    With a mesh, the params come sharded by orthrus_jax.sharding's rules (an Orthrus dir is
-    restored straight into them, one leaf at a time; every process reads its own shards)."""
-    if os.path.isdir(os.path.join(model_dir, "params")):
-        from orthrus_jax.checkpoint import iter_model_leaves, load_model, model_leaf_specs
-        if mesh is None:
-            return load_model(model_dir, dtype)
-        from orthrus_jax.params import assemble_leaves, iter_leaves
-        cfg, specs = model_leaf_specs(model_dir)
-        shardings = dict(iter_leaves(shd.param_shardings(assemble_leaves(specs.items()), mesh)))
-        return cfg, assemble_leaves(iter_model_leaves(model_dir, dtype, shardings))
-    from convert.hf_params import read_hf_params
-    cfg, params = read_hf_params(model_dir, dtype)
-    if mesh is not None:   # via the host: every process holds the whole tree
-        params = jax.device_put(jax.device_get(params), shd.param_shardings(params, mesh))
-    return cfg, params
-
-
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new"))
-def _greedy_ar(params, cfg: Qwen3Config, tokens, lengths, max_new: int):
-    """Batched greedy AR decoding of right-padded prompts tokens [B, T] with lengths [B].
-
-    Prefill writes K/V at 0..T-1; each row then continues at its own length (stale padded entries
-    are masked by position < length and overwritten). Returns new tokens [B, max_new].
-    """
-    b, t = tokens.shape
-    cache = init_cache(cfg, b, t + max_new + 1, params["embed"].dtype)
-    hidden, cache = ar_forward(params, cfg, tokens, cache)
-    last = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    first = jnp.argmax(lm_logits(params, last), -1).astype(jnp.int32)
-    cache = cache.replace(length=lengths.astype(jnp.int32))
-
-    def step(carry, _):
-        tok, cache = carry
-        h, cache = ar_forward(params, cfg, tok[:, None], cache)
-        cache = cache.replace(length=cache.length + 1)
-        nxt = jnp.argmax(lm_logits(params, h[:, 0]), -1).astype(jnp.int32)
-        return (nxt, cache), tok
-
-    _, out = jax.lax.scan(step, (first, cache), None, length=max_new)
-    return out.T
 
 
 def greedy_generate(params, cfg: Qwen3Config, prompts: list[list[int]], max_new: int) -> list[list[int]]:
     """Greedy continuations (cut after the first EOS, which is kept) for token-id prompts."""
-    try:  # the project decoder (batched AR greedy, one jitted while_loop)
-        from infer.decoder import generate as infer_generate
-    except ImportError:
-        infer_generate = None
-    if infer_generate is not None:
-        results = infer_generate(params, cfg, prompts, mode="ar", max_new_tokens=max_new,
-                                 batch_size=len(prompts))
-        return [_cut_eos(list(map(int, r.token_ids)), cfg) for r in results]
-    # Fallback (no decoder installed): a plain jitted greedy loop over the same model code.
-    # Bucket the padded length to a multiple of 128 to bound recompilations.
-    t = max(len(p) for p in prompts)
-    t = -(-t // 128) * 128
-    arr = np.zeros((len(prompts), t), np.int32)
-    for i, p in enumerate(prompts):
-        arr[i, : len(p)] = p
-    lens = np.array([len(p) for p in prompts], np.int32)
-    out = np.asarray(_greedy_ar(params, cfg, jnp.asarray(arr), jnp.asarray(lens), max_new))
-    return [_cut_eos(list(map(int, row)), cfg) for row in out]
+    results = generate(params, cfg, prompts, mode="ar", max_new_tokens=max_new,
+                       batch_size=len(prompts))
+    return [_cut_eos(list(map(int, r.token_ids)), cfg) for r in results]
 
 
 def _cut_eos(tokens: list[int], cfg: Qwen3Config) -> list[int]:

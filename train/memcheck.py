@@ -21,10 +21,10 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from convert.errors import run_cli
-from orthrus_jax.cli import ArgumentParser
+from orthrus_jax.cli import ArgumentParser, run_cli
 from orthrus_jax.config import ConfigError
 from orthrus_jax.params import param_shapes, param_summary, split_params
+from orthrus_jax.shapes import SHAPE_NAMES, shape_config
 from train.config import add_set_argument, load_config
 from train.step import LossOptions, make_optimizer, make_train_step
 
@@ -73,22 +73,21 @@ def memcheck(tcfg, model_cfg, rows: int = 1, devices: int = 1) -> dict:
 
 
 def run(a: argparse.Namespace) -> None:
-    from bench.gpu import SHAPES
     tcfg = load_config(a.config, a.set)
-    if a.shape not in SHAPES:
-        raise ConfigError(f"--shape {a.shape}: not one of {', '.join(SHAPES)}")
+    if a.shape not in SHAPE_NAMES:
+        raise ConfigError(f"--shape {a.shape}: not one of {', '.join(SHAPE_NAMES)}")
     if a.devices > 1 and jax.device_count() < a.devices:
         raise ConfigError(f"--devices {a.devices}: only {jax.device_count()} devices; run with "
                           f"XLA_FLAGS=--xla_force_host_platform_device_count={a.devices}")
-    print(param_summary(SHAPES[a.shape]))
-    print(json.dumps(memcheck(tcfg, SHAPES[a.shape], a.rows, a.devices)))
+    print(param_summary(shape_config(a.shape)))
+    print(json.dumps(memcheck(tcfg, shape_config(a.shape), a.rows, a.devices)))
 
 
 def main(argv=None) -> int:
     ap = ArgumentParser(prog="python -m train.memcheck", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
-    ap.add_argument("--shape", default="qwen3-8b", help="a bench.gpu SHAPES name")
+    ap.add_argument("--shape", default="qwen3-8b", help=f"one of {', '.join(SHAPE_NAMES)} (orthrus_jax.shapes)")
     ap.add_argument("--rows", type=int, default=1, help="rows per device per micro-batch")
     ap.add_argument("--devices", type=int, default=1,
                     help="FSDP over this many devices (fake CPU devices if needed)")

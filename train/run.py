@@ -23,15 +23,13 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from convert.errors import run_cli
-from orthrus_jax.cli import ArgumentParser
+from orthrus_jax.cli import ArgumentParser, run_cli
 from orthrus_jax.config import ConfigError
 from orthrus_jax import sharding as shd
-from orthrus_jax.checkpoint import write_model_dir
+from orthrus_jax.checkpoint import load_any_model, write_model_dir
 from orthrus_jax.params import merge_params, param_summary, split_params
 from train.config import TrainConfig, add_set_argument, export_minutes, load_config
 from train.data import PackedRows, DocSource, make_dataset
-from train.make_data import load_any_model
 from train.step import LossOptions, cosine_lr, make_optimizer, make_train_step
 
 

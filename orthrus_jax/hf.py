@@ -1,4 +1,5 @@
-"""HF Qwen3 / Orthrus-Qwen3 safetensors <-> our parameter tree, through the one key table.
+"""HF Qwen3 / Orthrus-Qwen3 safetensors <-> our parameter tree, through the one key table
+(orthrus_jax.params TOP_KEYS / LAYER_KEYS).
 
 Reading goes one tensor at a time (safetensors `framework="np"`, bf16 through ml_dtypes, no torch):
 each stacked [layers, ...] leaf is allocated once, filled layer by layer in row chunks (unmapping
