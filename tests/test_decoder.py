@@ -176,6 +176,32 @@ def test_eos_inside_accepted_block(micro_fp32, params_copied, prompt_ids, hf_ref
     pytest.fail("no cycle with >= 2 accepted drafts found")
 
 
+def test_two_eos_ids_stop_at_whichever_comes_first(micro_fp32, params_copied, prompt_ids):
+    """eos_token_ids with two ids (as Qwen3's <|im_end|> and <|endoftext|>): in one batch, each
+    row stops right after the first occurrence of either id (row 0 at the first id, row 1 at the
+    second), in AR and Orthrus mode; the unstopped continuation is the reference."""
+    cfg, _ = micro_fp32
+    prompts = prompt_ids[:2]
+    free = [r.token_ids for r in generate(params_copied, cfg, prompts, mode="ar", max_new_tokens=32,
+                                          batch_size=2, pad_to=PAD, eos_token_ids=[])]
+
+    def first(ids, tok):
+        return ids.index(tok) if tok in ids else len(ids)
+
+    pairs = ((a, b) for a in free[0][2:20] for b in free[1][2:20] if a != b)
+    pick = next(((a, b) for a, b in pairs if first(free[0], a) < first(free[0], b)
+                 and first(free[1], b) < first(free[1], a) and first(free[0], a) >= 2
+                 and first(free[1], b) >= 2), None)
+    assert pick is not None, "no pair of tokens that ends the two rows at different ids"
+    a, b = pick
+    want = [free[0][: first(free[0], a) + 1], free[1][: first(free[1], b) + 1]]
+    for mode in ("ar", "orthrus"):
+        res = generate(params_copied, cfg, prompts, mode=mode, max_new_tokens=32, batch_size=2,
+                       block_size=8, pad_to=PAD, eos_token_ids=[a, b])
+        assert [r.token_ids for r in res] == want, mode
+        assert [r.stats.finish_reason for r in res] == ["eos", "eos"], mode
+
+
 def test_streaming_equals_loop(micro_fp32, params_copied, prompt_ids):
     cfg, _ = micro_fp32
     prompts = prompt_ids[:3]

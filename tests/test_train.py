@@ -83,14 +83,50 @@ def test_block_targets_alignment():
     assert not v[2].any()                                         # invalid anchor slot
 
 
+def _targets_by_loops(tokens, mask, anchors, anchor_valid, k):
+    """block_targets written out per element from the rule (block position i of anchor a: teacher
+    = AR position a+i, target = x_{a+i+1}; supervised iff i < K-1, a valid anchor, a+i+1 inside
+    the row and a response token)."""
+    rows, seq_len = tokens.shape
+    out = {n: np.zeros((*anchors.shape, k), np.int64) for n in ("teacher", "target_tok")}
+    out["valid"] = np.zeros((*anchors.shape, k), bool)
+    for r in range(rows):
+        for b, a in enumerate(anchors[r]):
+            for i in range(k):
+                out["teacher"][r, b, i] = a + i
+                nxt = a + i + 1
+                if nxt < seq_len:
+                    out["target_tok"][r, b, i] = tokens[r, nxt]
+                out["valid"][r, b, i] = (i < k - 1 and anchor_valid[r, b] and nxt < seq_len
+                                         and bool(mask[r, nxt]))
+    return out
+
+
 def test_block_targets_predict_next_token_of_teacher():
-    """With a diffusion view equal to the AR view on a clean block, the loss target is the
-    teacher's own next-token distribution: block position i at anchor a sees x_a..x_{a+i} in AR."""
-    seq_len = 12
-    tokens = jnp.arange(2, 2 + seq_len, dtype=jnp.int32)[None]
-    t = block_targets(tokens, jnp.ones((1, seq_len), bool), jnp.array([[3]]), jnp.array([[True]]), K)
-    # the token block position i predicts is exactly the one after the teacher position
-    np.testing.assert_array_equal(np.asarray(t["target_pos"]) - np.asarray(t["teacher_pos"]), 1)
+    """Block position i of anchor a is supervised by the AR distribution at a+i towards the token
+    x_{a+i+1}, checked element by element against the rule written as loops, on random rows,
+    masks and anchors, including anchors whose block runs past the row end (target_pos clamped
+    to the last position, those positions unsupervised)."""
+    rng = np.random.default_rng(0)
+    seq_len, k = 16, 6
+    tokens = rng.integers(2, 1000, (3, seq_len)).astype(np.int32)
+    mask = rng.random((3, seq_len)) < 0.7
+    anchors = np.array([[1, 4, seq_len - k], [2, seq_len - 3, seq_len - 1], [0, 7, 9]], np.int32)
+    valid_anchor = np.array([[True, True, True], [True, True, True], [True, False, True]])
+    t = jax.tree_util.tree_map(np.asarray, block_targets(
+        jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(anchors), jnp.asarray(valid_anchor), k))
+    ref = _targets_by_loops(tokens, mask, anchors, valid_anchor, k)
+    np.testing.assert_array_equal(t["positions"], ref["teacher"])
+    np.testing.assert_array_equal(t["teacher_pos"][ref["valid"]], ref["teacher"][ref["valid"]])
+    np.testing.assert_array_equal(t["valid"], ref["valid"])
+    got_tok = np.take_along_axis(tokens, t["target_pos"].reshape(3, -1), 1).reshape(t["valid"].shape)
+    np.testing.assert_array_equal(got_tok[ref["valid"]], ref["target_tok"][ref["valid"]])
+    clamped = t["positions"] + 1 > seq_len - 1
+    assert clamped.sum() >= 5                                 # the clamp is reached ...
+    assert (t["target_pos"][clamped] == seq_len - 1).all()    # ... stays inside the row ...
+    assert t["teacher_pos"].max() == seq_len - 1
+    assert not t["valid"][clamped].any()                      # ... and is never supervised
+    assert ref["valid"].sum() >= 10 and (~ref["valid"]).sum() >= 10
 
 
 # ------------------------------------------------------------------ data
@@ -128,40 +164,68 @@ def test_packing_anchors_and_iterator_state(tiny_setup):
 
 
 def test_step_updates_only_trainable(tiny_setup):
+    """Two real steps, jitted with donation as train.run does: in the merged tree afterwards
+    every frozen leaf is bit-identical to a host snapshot taken before, every _diff leaf moved,
+    and the second step saw the frozen weights unchanged (its loss equals the loss recomputed
+    from the snapshot). Optimizer moments exist for the _diff twins only."""
+    from orthrus_jax.params import DIFF_KEYS
+    from train.step import row_loss_terms
+
     params = init_params(TINY, jax.random.PRNGKey(1), jnp.float32, copy_diff=True)
+    snapshot = jax.tree_util.tree_map(np.array, params)      # host copy, before any step
     backbone, trainable = split_params(params)
+    # copy_diff twins alias their AR weights; the trainable masters are their own buffers
     trainable = jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), trainable)
-    before = jax.tree_util.tree_map(np.asarray, backbone)
+    opts = LossOptions(K, jnp.float32, True, 2)
     opt = make_optimizer()
     opt_state = opt.init(trainable)
-    step = jax.jit(make_train_step(TINY, LossOptions(K, jnp.float32, True, 2), opt))
-    batch = next(iter(make_dataset(tiny_setup["data_dir"], 32, 4, K, 2, 0, 1).to_iter_dataset()))
-    batch = {k: jnp.asarray(v)[None] for k, v in batch.items()}
-    new_tr, new_state, m = step(trainable, opt_state, backbone, batch, jnp.float32(1e-2))
-    assert np.isfinite(float(m["loss"])) and float(m["loss"]) > 0
-    for a, b in zip(jax.tree_util.tree_leaves(before), jax.tree_util.tree_leaves(backbone)):
-        np.testing.assert_array_equal(a, np.asarray(b))          # frozen: bit-identical
-    changed = [not np.array_equal(a, b) for a, b in
-               zip(jax.tree_util.tree_leaves(trainable), jax.tree_util.tree_leaves(new_tr))]
-    assert all(changed)
+    step = jax.jit(make_train_step(TINY, opts, opt), donate_argnums=(0, 1))
+    it = iter(make_dataset(tiny_setup["data_dir"], 32, 4, K, 2, 0, 1).to_iter_dataset())
+    batches = [{k: jnp.asarray(v)[None] for k, v in next(it).items()} for _ in range(2)]
+    tr, opt_state, m1 = step(trainable, opt_state, backbone, batches[0], jnp.float32(1e-2))
+    after_one = jax.tree_util.tree_map(np.array, tr)
+    tr, new_state, m2 = step(tr, opt_state, backbone, batches[1], jnp.float32(1e-2))
+    assert np.isfinite(float(m2["loss"])) and float(m1["loss"]) > 0
+    merged = merge_params(backbone, tr)
+    moved = {p[-1].key for (p, x), y in zip(jax.tree_util.tree_leaves_with_path(merged),
+                                            jax.tree_util.tree_leaves(snapshot))
+             if not np.array_equal(np.asarray(x), y)}
+    assert moved == set(DIFF_KEYS)
+    frozen = jax.tree_util.tree_map(jnp.asarray, split_params(snapshot)[0])
+    mb = {k: v[0] for k, v in batches[1].items()}
+    terms = jax.jit(row_loss_terms, static_argnums=(2, 4))(after_one, frozen, TINY, mb, opts)
+    np.testing.assert_allclose(float(m2["loss"]), float(terms["kl_sum"] / terms["count"]), rtol=1e-5)
     # optimizer moments exist for the trainable tree only
-    n_train = sum(x.size for x in jax.tree_util.tree_leaves(trainable))
+    n_train = sum(x.size for x in jax.tree_util.tree_leaves(tr))
     n_state = sum(x.size for x in jax.tree_util.tree_leaves(new_state) if x.ndim > 0)
     assert n_state == 2 * n_train
     paths = {jax.tree_util.keystr(p) for p, x in jax.tree_util.tree_leaves_with_path(new_state) if x.ndim}
-    assert len(paths) == 2 * len(jax.tree_util.tree_leaves(trainable))
+    assert len(paths) == 2 * len(jax.tree_util.tree_leaves(tr))
     assert all("_diff" in p for p in paths)
 
 
 def test_kl_is_zero_when_views_agree():
-    """Sanity of the objective: if the diffusion view could see the clean block causally it would
-    equal the teacher; here we check KL(p || p) = 0 and agreement = 1 on the helper itself."""
+    """The objective's helper: KL(p || p) = 0 with full agreement, and for a different student
+    KL(p || q) and top-1 agreement equal torch's kl_div and argmax computed independently."""
+    import torch
+
     from train.step import kl_and_agreement, teacher_stats
     logits = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 64))
     t = teacher_stats(logits)
     kl, agree = kl_and_agreement(t["probs"], t["neg_entropy"], t["argmax"], logits)
     np.testing.assert_allclose(kl, 0.0, atol=1e-5)
     assert bool(agree.all())
+
+    student = logits + 0.8 * jax.random.normal(jax.random.PRNGKey(1), logits.shape)
+    kl, agree = kl_and_agreement(t["probs"], t["neg_entropy"], t["argmax"], student)
+    p_log = torch.log_softmax(torch.tensor(np.asarray(logits), dtype=torch.float64), -1)
+    q_log = torch.log_softmax(torch.tensor(np.asarray(student), dtype=torch.float64), -1)
+    want = torch.nn.functional.kl_div(q_log, p_log, log_target=True, reduction="none").sum(-1)
+    assert float(want.min()) > 0.05
+    np.testing.assert_allclose(np.asarray(kl), want.numpy(), rtol=1e-4, atol=1e-6)
+    want_agree = np.argmax(np.asarray(student), -1) == np.argmax(np.asarray(logits), -1)
+    np.testing.assert_array_equal(np.asarray(agree), want_agree)
+    assert 0 < want_agree.sum() < want_agree.size
 
 
 # ------------------------------------------------------------------ runs: sharding, resume, NaN

@@ -29,14 +29,17 @@ def block_targets(tokens: Array, mask: Array, anchors: Array, anchor_valid: Arra
     Returns, each [R, B, K]:
       positions: absolute RoPE positions a + i of block position i;
       block_tokens: [x_a, MASK ...] is built by the caller from tokens at positions[..., 0];
-      teacher_pos: a + i, the AR position whose distribution is block position i's teacher;
+      teacher_pos: a + i, the AR position whose distribution is block position i's teacher
+        (clamped to the row, like target_pos, where the block runs past it);
       target_pos: a + i + 1, the token block position i predicts;
       valid: i <= K-2, the anchor slot is valid, and x_{a+i+1} is a response token.
     """
     r, seq_len = tokens.shape
     i = jnp.arange(block_size, dtype=jnp.int32)
     positions = anchors[..., None].astype(jnp.int32) + i                        # a + i
-    teacher_pos = positions                                                       # a + i
+    # Past the row end (unsupervised) both are clamped into the row: an out-of-range gather
+    # fills NaN, whose gradient is NaN even under a zero weight.
+    teacher_pos = jnp.minimum(positions, seq_len - 1)                            # a + i
     target_pos = jnp.minimum(positions + 1, seq_len - 1)                         # a + i + 1
     in_row = positions + 1 <= seq_len - 1
     target_is_response = jnp.take_along_axis(mask, target_pos.reshape(r, -1), axis=1).reshape(target_pos.shape)
