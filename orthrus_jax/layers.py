@@ -51,7 +51,8 @@ def two_source_attention(
     prefix_k/v: [B, S, KV, hd]: keys shared by every block of a row (the KV cache, or a
       training row's AR keys). prefix_visible: [B, N, S] bool, which prefix keys a block sees.
     block_k/v: [B, N, T, KV, hd]: the block's own keys. block_visible: [T, T] bool
-      (causal for the AR view, all-true for the diffusion view).
+      (causal for the AR view, all-true for the diffusion view), or any mask broadcastable to
+      the scores [B, N, KV, G, T, T] (a draft tree: [B, 1, 1, 1, T, T], ancestors only).
     Returns [B, N, T, H, hd] in q's dtype. GQA: H = KV * G, query head h uses KV head h // G.
     """
     b, n, t, h, d = q.shape

@@ -58,6 +58,30 @@ def lm_logits(params: Params, hidden: Array) -> Array:
     return jnp.einsum("...d,vd->...v", hidden, params["embed"], preferred_element_type=jnp.float32)
 
 
+def ar_block(params: Params, cfg: Qwen3Config, tokens: Array, cache: KVCache,
+             offsets: Array | None = None, block_mask: Array | None = None,
+             remat: bool = False) -> tuple[Array, Array, Array]:
+    """AR view on tokens [B, T] over the committed cache [0, length); nothing is written.
+
+    Token i sits at position length + offsets[:, i] (default i) and attends to the cache and to
+    the block tokens j with block_mask[:, i, j] (default causal; [B, T, T] for a draft tree: its
+    ancestors and itself). Returns (hidden [B, T, D], block K, block V [layers, B, T, kv, hd]).
+    """
+    b, t = tokens.shape
+    if offsets is None:
+        offsets = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    positions = cache.length[:, None] + offsets
+    prefix_visible = jnp.arange(cache.max_len)[None, None, :] < cache.length[:, None, None]
+    if block_mask is None:
+        block_visible = jnp.tril(jnp.ones((t, t), dtype=bool))
+    else:  # per row, broadcast over [B, N, kv, group, T, T] scores
+        block_visible = block_mask[:, None, None, None]
+    x = embed(params, tokens)[:, None]
+    hidden, (new_k, new_v) = _stack(params, cfg, x, positions[:, None], cache.k, cache.v,
+                                    prefix_visible, block_visible, AR_VIEW, remat)
+    return hidden[:, 0], new_k[:, :, 0], new_v[:, :, 0]
+
+
 def ar_forward(params: Params, cfg: Qwen3Config, tokens: Array, cache: KVCache,
                remat: bool = False) -> tuple[Array, KVCache]:
     """AR view on tokens [B, T] at positions length..length+T-1 of each row.
@@ -65,14 +89,8 @@ def ar_forward(params: Params, cfg: Qwen3Config, tokens: Array, cache: KVCache,
     Attends causally to the committed cache [0, length) and the new tokens; writes their K/V at
     each row's length. Returns (hidden [B, T, D], cache with K/V written, length unchanged).
     """
-    b, t = tokens.shape
-    positions = cache.length[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    prefix_visible = jnp.arange(cache.max_len)[None, None, :] < cache.length[:, None, None]
-    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
-    x = embed(params, tokens)[:, None]
-    hidden, (new_k, new_v) = _stack(params, cfg, x, positions[:, None], cache.k, cache.v,
-                                    prefix_visible, causal, AR_VIEW, remat)
-    return hidden[:, 0], write_cache(cache, new_k[:, :, 0], new_v[:, :, 0])
+    hidden, new_k, new_v = ar_block(params, cfg, tokens, cache, remat=remat)
+    return hidden, write_cache(cache, new_k, new_v)
 
 
 def diffusion_forward(params: Params, cfg: Qwen3Config, tokens: Array, positions: Array,
