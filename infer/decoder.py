@@ -9,6 +9,10 @@ token), the whole generation is one jit-compiled `lax.while_loop` with static sh
   [anchor, d_1..d_{K-1}] (writes K/V at each row's length); accept the longest verified prefix;
   the correction/bonus token becomes the next anchor; commit `length += n_acc + 1`. Rejected K/V
   stay in the cache as stale entries past `length` (masked, overwritten later): no copies.
+- tree verification (verify="tree"): the diffusion pass's per-position distributions give a
+  draft tree of tree_budget nodes (orthrus_jax.tree); one AR pass verifies every node at position
+  length + depth, attending to the cache and its ancestors only; the K/V of the longest accepted
+  root-to-node path are written to consecutive cache positions, the rest is never written.
 - ar step: one AR pass on [anchor]; commit `length += 1`.
 
 Rows have their own prompt length, acceptance, EOS and max_new_tokens; finished rows idle until the
@@ -28,12 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from orthrus_jax import spec as S
-from orthrus_jax.cache import KVCache, init_cache
+from orthrus_jax import tree as T
+from orthrus_jax.cache import KVCache, init_cache, write_cache
 from orthrus_jax.config import Qwen3Config
-from orthrus_jax.model import ar_forward, draft_block, lm_logits
+from orthrus_jax.model import ar_block, ar_forward, draft_block, lm_logits
 
 Array = jax.Array
 MODES = ("orthrus", "ar")
+VERIFY = ("chain", "tree")
 TRACE_COUNTS: collections.Counter = collections.Counter()
 MIN_LEN_BUCKET = 16
 
@@ -58,6 +64,15 @@ class DecodeSpec:
     top_k: int = 0  # sampling: static, 0 = off
     use_top_p: bool = False  # sampling: top_p < 1
     eos_ids: tuple[int, ...] = ()
+    verify: str = "chain"  # orthrus: "chain" (K-1 drafts) or "tree" (tree_budget nodes)
+    tree_budget: int = 0  # draft nodes per cycle besides the anchor (verify="tree")
+
+    @property
+    def nodes(self) -> int:
+        """Draft tokens the AR view verifies per cycle besides the anchor."""
+        if self.mode != "orthrus":
+            return 0
+        return self.tree_budget if self.verify == "tree" else self.block_size - 1
 
     @property
     def k(self) -> int:
@@ -93,6 +108,9 @@ class DecodeState:
     cycles: Array      # int32[B]: loop iterations while the row was active
     acc_hist: Array    # int32[B, K]: histogram of accepted (and emitted) drafts per cycle
     pos_acc: Array     # int32[B, max(K-1, 1)]: cycles where draft i was accepted and emitted
+    nodes: Array       # int32[B]: draft nodes verified (tree: valid nodes; chain: K-1 a cycle)
+    judged: Array      # int32[B]: tree walk steps at a node with children (accepted or not)
+    accepted: Array    # int32[B]: tree walk steps that accepted a child
     steps: Array       # int32[]: loop iterations of the batch
 
 
@@ -137,7 +155,9 @@ def prefill_fn(params: Any, spec: DecodeSpec, tokens: Array, prompt_lens: Array,
         cache=cache.replace(length=prompt_lens.astype(jnp.int32)), anchor=first, out=out,
         n_out=n_out, max_new=max_new.astype(jnp.int32), done=done, key=key,
         cycles=jnp.zeros((b,), jnp.int32), acc_hist=jnp.zeros((b, k), jnp.int32),
-        pos_acc=jnp.zeros((b, max(k - 1, 1)), jnp.int32), steps=jnp.int32(0))
+        pos_acc=jnp.zeros((b, max(k - 1, 1)), jnp.int32), nodes=jnp.zeros((b,), jnp.int32),
+        judged=jnp.zeros((b,), jnp.int32), accepted=jnp.zeros((b,), jnp.int32),
+        steps=jnp.int32(0))
 
 
 def step_fn(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Sampling) -> DecodeState:
@@ -145,7 +165,12 @@ def step_fn(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Samplin
     cfg = spec.cfg
     key, k_draft, k_verify = jax.random.split(state.key, 3)
     cache = state.cache
-    if spec.mode == "orthrus":
+    n_nodes = jnp.full(state.anchor.shape, spec.nodes, jnp.int32)
+    judged = jnp.zeros_like(n_nodes)
+    if spec.mode == "orthrus" and spec.verify == "tree":
+        drafts, n_acc, nxt, cache, n_nodes, judged = _tree_cycle(params, spec, state, sampling,
+                                                                 k_draft, k_verify)
+    elif spec.mode == "orthrus":
         k = spec.block_size
         q_logits = lm_logits(params, draft_block(params, cfg, state.anchor, cache, k)[:, : k - 1])
         if spec.greedy:
@@ -185,7 +210,45 @@ def step_fn(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Samplin
         anchor=jnp.where(active, new_anchor, state.anchor), out=out,
         n_out=state.n_out + n_emit, done=state.done | (active & finished), key=key,
         cycles=state.cycles + active.astype(jnp.int32), acc_hist=hist.astype(jnp.int32),
-        pos_acc=pos.astype(jnp.int32), steps=state.steps + 1)
+        pos_acc=pos.astype(jnp.int32), nodes=state.nodes + jnp.where(active, n_nodes, 0),
+        judged=state.judged + jnp.where(active, judged, 0),
+        accepted=state.accepted + jnp.where(active, n_acc, 0), steps=state.steps + 1)
+
+
+def _tree_cycle(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Sampling,
+                k_draft: Array, k_verify: Array
+                ) -> tuple[Array, Array, Array, KVCache, Array, Array]:
+    """Draft a tree, verify every node in one AR pass, write the accepted path's K/V.
+
+    Returns (accepted path tokens as drafts [B, K-1], n_acc, next token, cache, valid nodes [B],
+    walk steps at a node with children [B]).
+    """
+    cfg, k = spec.cfg, spec.block_size
+    q_logits = lm_logits(params, draft_block(params, cfg, state.anchor, state.cache, k)[:, : k - 1])
+    if spec.greedy:
+        q_lp = jax.nn.log_softmax(q_logits, axis=-1)
+    else:
+        q_lp = _processed(spec, sampling, q_logits)
+    # sampling: the shape values a first draw at the row's per-step acceptance so far (a prior
+    # of FIRST_ACCEPT worth 8 steps); earlier cycles only, so the draws stay exact
+    prior = 8.0
+    first_accept = ((state.accepted + prior * T.FIRST_ACCEPT) / (state.judged + prior))
+    tree = T.build_tree(state.anchor, q_lp, spec.tree_budget, None if spec.greedy else k_draft,
+                        jnp.clip(first_accept, 0.05, 0.98))
+    hidden, new_k, new_v = ar_block(params, cfg, tree.tokens, state.cache, tree.depth, tree.mask)
+    p_logits = lm_logits(params, hidden)
+    if spec.greedy:
+        n_acc, nxt, path = T.greedy_tree_verify(tree, p_logits)
+    else:
+        n_acc, nxt, path = T.rejection_tree_verify(k_verify, tree,
+                                                   _processed(spec, sampling, p_logits), q_lp)
+    idx = path[None, :, :, None, None]  # the path's K/V, consecutive from length
+    cache = write_cache(state.cache, jnp.take_along_axis(new_k, idx, axis=2),
+                        jnp.take_along_axis(new_v, idx, axis=2))
+    n_valid = jnp.sum(tree.valid, axis=1).astype(jnp.int32) - 1
+    end = jnp.take_along_axis(path, n_acc[:, None], axis=1)[:, 0]
+    judged = n_acc + (T._take_row(tree.children, end)[:, 0] >= 0)
+    return tree.path_tokens(path), n_acc, nxt, cache, n_valid, judged.astype(jnp.int32)
 
 
 def loop_fn(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Sampling) -> DecodeState:
@@ -222,7 +285,9 @@ class GenerationStats:
     acceptance_length = drafts accepted per cycle, the bonus/correction token EXCLUDED (vLLM and
     SGLang count the bonus, i.e. report ours + 1). Only emitted drafts count: in a cycle cut by
     EOS or max_new_tokens, accepted drafts past the cut are not counted. acceptance_hist[n] = cycles that accepted n
-    drafts; position_acceptance[i] = cycles where draft i+1 was accepted / cycles. Times are the
+    drafts; position_acceptance[i] = cycles where draft i+1 (tree: the path's node at depth
+    i+1) was accepted / cycles; nodes_per_cycle = draft tokens the AR view verified per cycle
+    besides the anchor (chain: K-1; tree: the tree's real nodes, at most tree_budget). Times are the
     batch's wall clock: ttft_s = start to first token (prefill), tokens_per_s = tokens / time.
     """
 
@@ -233,6 +298,7 @@ class GenerationStats:
     acceptance_length: float
     acceptance_hist: list[int]
     position_acceptance: list[float]
+    nodes_per_cycle: float
     ttft_s: float
     time_s: float
     tokens_per_s: float
@@ -251,7 +317,7 @@ class GenerationResult:
 
 
 def _row_stats(mode: str, n: int, cycles: int, hist: np.ndarray, pos: np.ndarray, eos: bool,
-               ttft: float, elapsed: float, k: int) -> GenerationStats:
+               ttft: float, elapsed: float, k: int, nodes: int = 0) -> GenerationStats:
     passes = (1 + (2 if mode == "orthrus" else 1) * cycles) if n > 0 else 0
     acc = float((hist * np.arange(len(hist))).sum() / cycles) if (cycles and mode == "orthrus") else 0.0
     return GenerationStats(
@@ -260,6 +326,7 @@ def _row_stats(mode: str, n: int, cycles: int, hist: np.ndarray, pos: np.ndarray
         acceptance_hist=[int(x) for x in hist] if mode == "orthrus" else [],
         position_acceptance=([float(x) / cycles if cycles else 0.0 for x in pos[: k - 1]]
                              if mode == "orthrus" else []),
+        nodes_per_cycle=nodes / cycles if (cycles and mode == "orthrus") else 0.0,
         ttft_s=ttft, time_s=elapsed, tokens_per_s=n / elapsed if elapsed > 0 else 0.0,
         finish_reason="eos" if eos else "length")
 
@@ -272,10 +339,16 @@ def summarize(results: Sequence[GenerationResult]) -> dict[str, Any]:
     hists = [r.stats.acceptance_hist for r in results if r.stats.acceptance_hist]
     hist = np.sum(hists, axis=0) if hists else np.zeros(0)
     accepted = float((hist * np.arange(len(hist))).sum()) if len(hist) else 0.0
+    nodes = sum(r.stats.nodes_per_cycle * r.stats.cycles for r in results)
     return {"prompts": len(results), "tokens": tokens, "forward_passes": passes, "cycles": cycles,
             "tpf": tokens / passes if passes else 0.0,
             "acceptance_length": accepted / cycles if (cycles and len(hist)) else 0.0,
-            "acceptance_hist": [int(x) for x in hist]}
+            "acceptance_hist": [int(x) for x in hist],
+            "position_acceptance": [float(x) / cycles for x in
+                                    np.sum([np.asarray(r.stats.position_acceptance) * r.stats.cycles
+                                            for r in results if r.stats.position_acceptance],
+                                           axis=0)] if (cycles and len(hist)) else [],
+            "nodes_per_cycle": nodes / cycles if (cycles and len(hist)) else 0.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,13 +385,20 @@ def batch_bucket(n: int, batch_size: int) -> int:
 
 def make_spec(cfg: Qwen3Config, *, mode: str = "orthrus", max_new_tokens: int = 256,
               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-              block_size: int | None = None,
-              eos_token_ids: Sequence[int] | None = None) -> DecodeSpec:
+              block_size: int | None = None, eos_token_ids: Sequence[int] | None = None,
+              verify: str = "chain", tree_budget: int | None = None) -> DecodeSpec:
     if mode not in MODES:
         raise GenerationError(f"mode must be one of {MODES}, got {mode!r}")
+    if verify not in VERIFY:
+        raise GenerationError(f"verify must be one of {VERIFY}, got {verify!r}")
+    if verify == "tree" and mode != "orthrus":
+        raise GenerationError(f"verify 'tree' needs mode 'orthrus', got mode {mode!r}")
     k = int(cfg.block_size if block_size is None else block_size)
     if k < 2:
         raise GenerationError(f"block_size must be >= 2, got {k}")
+    budget = k - 1 if tree_budget is None else int(tree_budget)
+    if verify == "tree" and budget < 1:
+        raise GenerationError(f"tree_budget must be >= 1, got {budget}")
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if temperature < 0:
@@ -332,7 +412,8 @@ def make_spec(cfg: Qwen3Config, *, mode: str = "orthrus", max_new_tokens: int = 
     return DecodeSpec(cfg=cfg, mode=mode, block_size=k, max_new_tokens=new_bucket(max_new_tokens),
                       greedy=greedy, top_k=0 if greedy else int(top_k),
                       use_top_p=(not greedy) and top_p < 1.0,
-                      eos_ids=tuple(int(e) for e in eos))
+                      eos_ids=tuple(int(e) for e in eos), verify=verify,
+                      tree_budget=budget if verify == "tree" else 0)
 
 
 def _check_prompts(cfg: Qwen3Config, prompts: Sequence[Sequence[int]], max_new: int,
@@ -401,7 +482,7 @@ class _Batch:
     def results(self) -> list[GenerationResult]:
         host = jax.device_get({"out": self.state.out, "n_out": self.state.n_out,
                                "cycles": self.state.cycles, "hist": self.state.acc_hist,
-                               "pos": self.state.pos_acc})
+                               "pos": self.state.pos_acc, "nodes": self.state.nodes})
         elapsed = time.perf_counter() - self.t0
         eos = set(self.spec.eos_ids)
         res = []
@@ -409,7 +490,7 @@ class _Batch:
             ids = host["out"][i, : host["n_out"][i]].tolist()
             stats = _row_stats(self.spec.mode, len(ids), int(host["cycles"][i]), host["hist"][i],
                                host["pos"][i], bool(ids) and ids[-1] in eos, self.ttft, elapsed,
-                               self.spec.block_size)
+                               self.spec.block_size, int(host["nodes"][i]))
             res.append(GenerationResult(ids, stats))
         return res
 
@@ -424,7 +505,8 @@ def generate(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]], *,
              mode: str = "orthrus", max_new_tokens: int = 256, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, seed: int = 0, block_size: int | None = None,
              batch_size: int = 32, max_len: int | None = None, pad_to: int = 0,
-             eos_token_ids: Sequence[int] | None = None,
+             eos_token_ids: Sequence[int] | None = None, verify: str = "chain",
+             tree_budget: int | None = None,
              on_tokens: Callable[[int, list[int]], None] | None = None) -> list[GenerationResult]:
     """Generate for a list of token-id prompts; results in prompt order.
 
@@ -434,12 +516,15 @@ def generate(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]], *,
     at most batch_size rows (padded to power-of-two row counts and bucketed lengths). max_len is
     the cache capacity (default cfg.max_position_embeddings): prompt + max_new_tokens must fit.
     pad_to raises the padded prompt length to at least this bucket (fewer distinct compiles).
-    eos_token_ids defaults to cfg.eos_token_ids. on_tokens(prompt_index, new_ids) streams tokens
+    eos_token_ids defaults to cfg.eos_token_ids. verify "tree" (orthrus mode) verifies a draft
+    tree of tree_budget nodes per cycle (default K-1, the chain's count) instead of the chain of
+    K-1 drafts (orthrus_jax.tree). on_tokens(prompt_index, new_ids) streams tokens
     per cycle (a Python stepper over the same jitted step); without it each batch is one
     while_loop call.
     """
     spec = make_spec(cfg, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
-                     top_k=top_k, top_p=top_p, block_size=block_size, eos_token_ids=eos_token_ids)
+                     top_k=top_k, top_p=top_p, block_size=block_size, eos_token_ids=eos_token_ids,
+                     verify=verify, tree_budget=tree_budget)
     if batch_size < 1:
         raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
     prompts = [list(map(int, p)) for p in prompts]

@@ -5,10 +5,15 @@ condition on the path, so every node at depth d shares q_d. A tree of at most N 
 the root (the anchor) is built with static shapes in two steps:
 
 1. Shape, a function of q alone: best-first over rank paths. A node is a path of sibling ranks
-   (r_1, ..., r_d); its score is the sum of log q_i at rank r_i of q_i sorted descending (the
-   product of draft probabilities). The N best-scoring paths are kept (ties: shallower, then
-   lower rank first), which is closed under taking parents; a per-depth beam of N over at most
-   C children per node finds them exactly. Each node's children are ranks 0..m-1 (a prefix).
+   (r_1, ..., r_d); its score is a sum of per-step log values. Greedy: log q_i at rank r_i of q_i
+   sorted descending, i.e. the product of draft probabilities. Sampling: a rank-0 draw (the
+   chain's) is accepted far more often than its probability (it is drawn from q, and q is close
+   to p), and a later draw is tried only after the earlier ones were rejected: a step is valued
+   log a + r_i log(1 - a) + log(q_i[r_i] / q_i[0]), with a the acceptance of a draw (the
+   decoder passes an estimate from the row's earlier cycles; default FIRST_ACCEPT). The N
+   best-scoring paths are kept (ties: shallower, then lower rank first), which is closed under
+   taking parents; a per-depth beam of N over at most C children per node finds them exactly.
+   Each node's children are ranks 0..m-1 (a prefix).
 2. Tokens. Greedy: a rank-r child holds the r-th most likely token of its depth. Sampling: node
    u's children are m draws without replacement from q_{depth(u)+1} (Gumbel-top-m, noise of its
    own per node), in draw order. Since the shape depends only on q, each node's children are
@@ -38,6 +43,7 @@ from orthrus_jax.spec import RESIDUAL_FLOOR, sample_tokens
 
 Array = jax.Array
 MAX_CHILDREN = 8  # children per node, at most (the per-depth beam is N x C candidates)
+FIRST_ACCEPT = 0.7  # sampling shape: default acceptance of a node's first draw
 
 
 @flax.struct.dataclass
@@ -105,21 +111,30 @@ def _ancestors(parent: Array, valid: Array, d_max: int) -> tuple[Array, Array]:
     return mask, valid
 
 
-def build_tree(anchor: Array, q_logprobs: Array, n_nodes: int, key: Array | None = None) -> Tree:
+def build_tree(anchor: Array, q_logprobs: Array, n_nodes: int, key: Array | None = None,
+               first_accept: Array | float = FIRST_ACCEPT) -> Tree:
     """A draft tree of n_nodes nodes besides the anchor from q_logprobs [B, D, V] (log q_d for
     depths 1..D). key None: greedy (rank-r child = r-th most likely token); else children are
-    drawn without replacement from q (sampling). Static shapes throughout."""
+    drawn without replacement from q (sampling), and the shape values a first draw at
+    first_accept (scalar or [B], in (0, 1); it must not depend on this cycle's draws). Static
+    shapes throughout."""
     b, d_max, v = q_logprobs.shape
     n = int(n_nodes)
     c = min(max_children(n), v)
     sorted_lp, top_ids = jax.lax.top_k(q_logprobs.astype(jnp.float32), c)  # [B, D, C]
-    depth, parent, rank, valid = jax.vmap(lambda s: _shape(s, n))(sorted_lp)
+    value = sorted_lp
+    if key is not None:
+        a = jnp.broadcast_to(jnp.asarray(first_accept, jnp.float32), (b,))
+        ranks = jnp.arange(c, dtype=jnp.float32)
+        value = (sorted_lp - sorted_lp[..., :1] + jnp.log(a)[:, None, None]
+                 + ranks * jnp.log1p(-a)[:, None, None])
+    depth, parent, rank, valid = jax.vmap(lambda s: _shape(s, n))(value)
     zero = jnp.zeros((b, 1), jnp.int32)
     depth = jnp.concatenate([zero, depth], 1)
     parent = jnp.concatenate([zero, parent], 1)
     rank = jnp.concatenate([zero, rank], 1)
     valid = jnp.concatenate([jnp.ones((b, 1), bool), valid], 1)
-    mask, valid = _ancestors(parent, valid, d_max)
+    mask, valid = _ancestors(parent, valid, min(n, d_max))
     rows = jnp.arange(b)[:, None]
     if key is None:
         tok = top_ids[rows, jnp.maximum(depth - 1, 0), rank]

@@ -18,6 +18,8 @@ from orthrus_jax.paths import DEV_PROMPTS
 N_PROMPTS = 20
 NEW = 64
 PAD = 384  # every dev prompt fits: one length bucket, so few compiles
+# tree verification with more nodes than the chain's K-1 = 7 at K = 8: real branching
+VERIFY = {"chain": {}, "tree": {"verify": "tree", "tree_budget": 12}}
 
 
 @pytest.fixture(scope="module")
@@ -84,13 +86,17 @@ def test_ar_greedy_matches_hf(micro_fp32, params_copied, prompt_ids, hf_refs, ba
         assert r.stats.tpf == 1.0 and r.stats.forward_passes == r.stats.tokens
 
 
-@pytest.mark.parametrize("diff,batch", [("copied", 1), ("copied", 4), ("random", 1), ("random", 4)])
-def test_orthrus_greedy_matches_hf(request, micro_fp32, prompt_ids, hf_refs, batch, diff):
+@pytest.mark.parametrize("diff,batch,verify", [
+    ("copied", 1, "chain"), ("copied", 4, "chain"), ("random", 1, "chain"), ("random", 4, "chain"),
+    ("copied", 1, "tree"), ("copied", 4, "tree")])
+def test_orthrus_greedy_matches_hf(request, micro_fp32, prompt_ids, hf_refs, batch, diff, verify):
+    """Chain and tree verification (tree: the default budget K-1 = 31 nodes) equal HF greedy."""
     cfg, _ = micro_fp32
     params = request.getfixturevalue(f"params_{diff}")
     res = generate(params, cfg, prompt_ids, mode="orthrus", max_new_tokens=NEW,
-                   batch_size=batch, pad_to=PAD)
+                   batch_size=batch, pad_to=PAD, verify=verify)
     _check_equal(res, hf_refs)
+    assert all(r.stats.nodes_per_cycle == 31 for r in res if r.stats.cycles)
     summary = decoder.summarize(res)
     if diff == "copied":
         assert summary["acceptance_length"] > 0.2  # some drafts accepted
@@ -108,12 +114,13 @@ def test_block_sizes(micro_fp32, params_copied, prompt_ids, hf_refs, k):
     assert all(len(r.stats.acceptance_hist) == k for r in res)
 
 
-def test_max_new_exact_per_row_and_stats(micro_fp32, params_copied, prompt_ids, hf_refs):
+@pytest.mark.parametrize("verify", list(VERIFY))
+def test_max_new_exact_per_row_and_stats(micro_fp32, params_copied, prompt_ids, hf_refs, verify):
     cfg, _ = micro_fp32
     prompts = [prompt_ids[i] for i in (0, 3, 5, 2)]  # ragged; hf_refs[2] is [EOS]
-    for max_new in (1, 7):
+    for max_new in (1, 7, 13):
         res = generate(params_copied, cfg, prompts, max_new_tokens=max_new, batch_size=4,
-                       block_size=8, pad_to=PAD)
+                       block_size=8, pad_to=PAD, **VERIFY[verify])
         for i, r in zip((0, 3, 5, 2), res):
             assert r.token_ids == hf_refs[i][:max_new]
             s = r.stats
@@ -126,6 +133,8 @@ def test_max_new_exact_per_row_and_stats(micro_fp32, params_copied, prompt_ids, 
             assert s.acceptance_length == pytest.approx(sum(pos))
             assert _committed_identity(s)
             assert s.ttft_s > 0 and s.tokens_per_s > 0
+            if s.cycles:
+                assert s.nodes_per_cycle == (7 if verify == "chain" else 12)
 
 
 def _committed_identity(s) -> bool:
@@ -135,9 +144,11 @@ def _committed_identity(s) -> bool:
     return s.tokens - 1 - s.cycles <= drafts <= s.tokens - s.cycles
 
 
-def test_acceptance_counts_only_emitted_drafts():
+@pytest.mark.parametrize("verify", ["chain", "tree"])
+def test_acceptance_counts_only_emitted_drafts(verify):
     """The trained demo heads accept whole blocks once the text loops; a max_new_tokens cut
-    mid-block must not count the accepted drafts it drops (in the mean or the histogram)."""
+    mid-block (tree: mid-path) must not count the accepted drafts it drops (in the mean or the
+    histogram)."""
     from tokenizers import Tokenizer
 
     from orthrus_jax.checkpoint import load_model
@@ -147,19 +158,23 @@ def test_acceptance_counts_only_emitted_drafts():
     ids = Tokenizer.from_file(str(REPO / "checkpoints" / "demo" / "tokenizer.json")).encode(
         "def fibonacci(n):").ids
     for max_new in (40, 64, 100):
-        s = generate(params, cfg, [ids], max_new_tokens=max_new, batch_size=1)[0].stats
+        s = generate(params, cfg, [ids], max_new_tokens=max_new, batch_size=1,
+                     verify=verify)[0].stats
         assert s.tokens == max_new and _committed_identity(s), (max_new, s)
         assert sum(n * c for n, c in enumerate(s.acceptance_hist)) <= s.tokens - 1 - s.cycles + 1
 
 
-def test_eos_inside_accepted_block(micro_fp32, params_copied, prompt_ids, hf_refs):
+@pytest.mark.parametrize("verify", list(VERIFY))
+def test_eos_inside_accepted_block(micro_fp32, params_copied, prompt_ids, hf_refs, verify):
     """Pick a token that was an accepted draft (not the correction) in some cycle, declare it EOS:
-    generation must stop right after its first occurrence, inside the block."""
+    generation must stop right after its first occurrence, inside the block (tree: inside the
+    accepted path)."""
     cfg, _ = micro_fp32
+    kw = VERIFY[verify]
     for i, ids in enumerate(prompt_ids):
         chunks = []
         generate(params_copied, cfg, [ids], max_new_tokens=NEW, batch_size=1, block_size=8,
-                 pad_to=PAD, on_tokens=lambda _r, new: chunks.append(new))
+                 pad_to=PAD, on_tokens=lambda _r, new: chunks.append(new), **kw)
         flat = [t for c in chunks for t in c]
         assert flat == hf_refs[i]
         start = 0
@@ -168,7 +183,7 @@ def test_eos_inside_accepted_block(micro_fp32, params_copied, prompt_ids, hf_ref
             if len(c) >= 3 and c[0] not in flat[:start] and c[0] != 0:
                 eos = c[0]
                 res = generate(params_copied, cfg, [ids], max_new_tokens=NEW, batch_size=1,
-                               block_size=8, pad_to=PAD, eos_token_ids=[eos])
+                               block_size=8, pad_to=PAD, eos_token_ids=[eos], **kw)
                 assert res[0].token_ids == flat[: start + 1]
                 assert res[0].stats.finish_reason == "eos"
                 return
@@ -202,16 +217,18 @@ def test_two_eos_ids_stop_at_whichever_comes_first(micro_fp32, params_copied, pr
         assert [r.stats.finish_reason for r in res] == ["eos", "eos"], mode
 
 
-def test_streaming_equals_loop(micro_fp32, params_copied, prompt_ids):
+@pytest.mark.parametrize("verify", list(VERIFY))
+def test_streaming_equals_loop(micro_fp32, params_copied, prompt_ids, hf_refs, verify):
     cfg, _ = micro_fp32
     prompts = prompt_ids[:3]
     got: dict[int, list[int]] = {0: [], 1: [], 2: []}
     streamed = generate(params_copied, cfg, prompts, max_new_tokens=40, batch_size=4,
-                        block_size=8, pad_to=PAD, on_tokens=lambda r, new: got[r].extend(new))
+                        block_size=8, pad_to=PAD, on_tokens=lambda r, new: got[r].extend(new),
+                        **VERIFY[verify])
     looped = generate(params_copied, cfg, prompts, max_new_tokens=40, batch_size=4,
-                      block_size=8, pad_to=PAD)
+                      block_size=8, pad_to=PAD, **VERIFY[verify])
     for i in range(3):
-        assert got[i] == streamed[i].token_ids == looped[i].token_ids
+        assert got[i] == streamed[i].token_ids == looped[i].token_ids == hf_refs[i][:40]
 
 
 def test_buckets_do_not_recompile(micro_fp32, params_copied):
@@ -240,6 +257,12 @@ def test_errors(micro_fp32, params_copied):
         generate(params_copied, cfg, [[5]], mode="beam")
     with pytest.raises(GenerationError, match="outside vocab"):
         generate(params_copied, cfg, [[cfg.vocab_size]], max_new_tokens=2)
+    with pytest.raises(GenerationError, match="verify must be one of"):
+        generate(params_copied, cfg, [[5]], verify="beam")
+    with pytest.raises(GenerationError, match="needs mode 'orthrus'"):
+        generate(params_copied, cfg, [[5]], mode="ar", verify="tree")
+    with pytest.raises(GenerationError, match="tree_budget must be >= 1"):
+        generate(params_copied, cfg, [[5]], verify="tree", tree_budget=0)
 
 
 def test_bucket_helpers():

@@ -14,6 +14,7 @@ from scipy import stats as scistats
 from infer import decoder
 from infer.decoder import generate
 from orthrus_jax import spec as S
+from orthrus_jax import tree as T
 from orthrus_jax.cache import init_cache
 from orthrus_jax.config import Qwen3Config
 from orthrus_jax.model import ar_forward, lm_logits
@@ -74,6 +75,9 @@ def chi2_pvalue(counts, probs):
     return scistats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
 
 
+TREE = {"verify": "tree", "tree_budget": 6}  # K = 4: 6 nodes over depths 1..3, siblings
+
+
 @pytest.mark.parametrize("mode,diff,temperature,top_k,top_p", [
     ("orthrus", "random", 1.0, 0, 1.0),
     ("orthrus", "copied", 1.0, 0, 1.0),
@@ -82,13 +86,20 @@ def chi2_pvalue(counts, probs):
     ("orthrus", "random", 1.0, 0, 0.5),
     ("orthrus", "copied", 0.5, 0, 0.6),
     ("ar", "random", 0.7, 6, 0.8),
+    ("tree", "random", 1.0, 0, 1.0),
+    ("tree", "copied", 1.0, 0, 1.0),
+    ("tree", "random", 0.7, 6, 0.8),
 ])
 def test_sampling_matches_exact_ar_marginals(tiny, mode, diff, temperature, top_k, top_p):
+    """Emitted tokens at new positions 0..3 follow the exact AR marginals (chain, tree, AR).
+    Tree: K = 4 and 6 nodes, so positions 1..3 come from depths 1..3 of the first tree."""
     cfg, params = tiny
     if diff == "copied":
         params = copy_ar_to_diff(params)
-    res = generate(params, cfg, [PROMPT] * ROWS, mode=mode, max_new_tokens=NEW,
-                   temperature=temperature, top_k=top_k, top_p=top_p, seed=11, batch_size=ROWS)
+    kw = TREE if mode == "tree" else {}
+    res = generate(params, cfg, [PROMPT] * ROWS, mode="ar" if mode == "ar" else "orthrus",
+                   max_new_tokens=NEW, temperature=temperature, top_k=top_k, top_p=top_p,
+                   seed=11, batch_size=ROWS, **kw)
     toks = np.array([r.token_ids for r in res])
     assert toks.shape == (ROWS, NEW)
     margs = exact_marginals(cfg, params, temperature, top_k, top_p)
@@ -96,14 +107,17 @@ def test_sampling_matches_exact_ar_marginals(tiny, mode, diff, temperature, top_
         counts = np.bincount(toks[:, t], minlength=V)
         p = chi2_pvalue(counts, margs[t])
         assert p > P_MIN, f"position {t}: chi-square p={p:.2g}"
-    if mode == "orthrus":  # both paths exercised: accepted drafts and rejections
+    if mode != "ar":  # both paths exercised: accepted drafts and rejections
         hist = np.sum([r.stats.acceptance_hist for r in res], axis=0)
         assert hist[0] > 0 and hist[1:].sum() > 0
+        if mode == "tree":
+            assert hist[2:].sum() > 0
 
 
-def _min_pvalue(cfg, params, temperature, top_k, top_p) -> float:
+def _min_pvalue(cfg, params, temperature, top_k, top_p, **kw) -> float:
     res = generate(params, cfg, [PROMPT] * ROWS, mode="orthrus", max_new_tokens=NEW,
-                   temperature=temperature, top_k=top_k, top_p=top_p, seed=11, batch_size=ROWS)
+                   temperature=temperature, top_k=top_k, top_p=top_p, seed=11, batch_size=ROWS,
+                   **kw)
     toks = np.array([r.token_ids for r in res])
     margs = exact_marginals(cfg, params, temperature, top_k, top_p)
     return min(chi2_pvalue(np.bincount(toks[:, t], minlength=V), margs[t]) for t in range(NEW))
@@ -131,6 +145,49 @@ def test_chi2_catches_a_wrong_q(tiny, monkeypatch, bug):
     finally:
         monkeypatch.undo()
         jax.clear_caches()  # and never reused by later tests
+
+
+def biased_tree_verify(key, tree: T.Tree, p_logprobs, q_logprobs):
+    """The biased rule (hipfire #483): each sibling accepted with min(1, p/q) against the
+    unchanged p and q marginals, the correction from normalize(max(p - q, 0)). Not exact."""
+    b = p_logprobs.shape[0]
+    p, q = jnp.exp(p_logprobs), jnp.exp(q_logprobs)
+    rows = jnp.arange(b)
+    cur, stopped, nxt = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32)
+    walked = []
+    for s in range(tree.walk + 1):
+        key, k_u, k_s = jax.random.split(key, 3)
+        ps = T._take_row(p, cur)
+        qs = q[:, min(s, q.shape[1] - 1)]
+        kids = T._take_row(tree.children, cur)
+        found = jnp.full((b,), -1, jnp.int32)
+        u = jax.random.uniform(k_u, kids.shape)
+        for j in range(kids.shape[1]):
+            x = jnp.take_along_axis(tree.tokens, jnp.maximum(kids[:, j], 0)[:, None], 1)[:, 0]
+            acc = (kids[:, j] >= 0) & (found < 0) & (u[:, j] * qs[rows, x] < ps[rows, x])
+            found = jnp.where(acc, kids[:, j], found)
+        res = jnp.maximum(ps - qs, 0.0)
+        mass = res.sum(-1, keepdims=True)
+        dist = jnp.where(mass < S.RESIDUAL_FLOOR, ps, res / jnp.maximum(mass, 1e-30))
+        stop = ~stopped & (found < 0)
+        nxt = jnp.where(stop, S.sample_tokens(k_s, jnp.log(dist)), nxt)
+        cur = jnp.where(stopped | stop, cur, found)
+        stopped = stopped | stop
+        walked.append(cur)
+    return T._take_row(tree.depth, cur), nxt, T._full_path(tree, jnp.stack(walked[:-1]))
+
+
+def test_chi2_catches_min_p_over_q_per_sibling(tiny, monkeypatch):
+    """Power: tree verification with min(1, p/q) per sibling against the q marginals (instead of
+    the recursive residual rule) fails the decoder's chi-square test."""
+    cfg, params = tiny
+    monkeypatch.setattr(T, "rejection_tree_verify", biased_tree_verify)
+    jax.clear_caches()
+    try:
+        assert _min_pvalue(cfg, params, 0.7, 6, 0.8, **TREE) < P_MIN  # measured: 8e-31
+    finally:
+        monkeypatch.undo()
+        jax.clear_caches()
 
 
 def test_seed_reproducible(tiny):

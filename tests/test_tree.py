@@ -8,9 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from orthrus_jax import spec as S
 from orthrus_jax import tree as T
-from tests.test_decoder_sampling import P_MIN, chi2_pvalue
+from tests.test_decoder_sampling import P_MIN, biased_tree_verify, chi2_pvalue
 
 V, D = 8, 3
 build = jax.jit(T.build_tree, static_argnums=(2,))
@@ -133,36 +132,6 @@ ROWS = 20000
 def _node_p(tree: T.Tree, table: jax.Array) -> jax.Array:
     """A target p that depends on the path: log p at node = table[depth, token] [V]."""
     return jax.nn.log_softmax(table[tree.depth, tree.tokens], -1)
-
-
-def biased_tree_verify(key, tree: T.Tree, p_logprobs, q_logprobs):
-    """The biased rule (hipfire #483): each sibling accepted with min(1, p/q) against the
-    unchanged p and q marginals, the correction from normalize(max(p - q, 0)). Not exact."""
-    b = p_logprobs.shape[0]
-    p, q = jnp.exp(p_logprobs), jnp.exp(q_logprobs)
-    rows = jnp.arange(b)
-    cur, stopped, nxt = jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32)
-    walked = []
-    for s in range(tree.walk + 1):
-        key, k_u, k_s = jax.random.split(key, 3)
-        ps = T._take_row(p, cur)
-        qs = q[:, min(s, q.shape[1] - 1)]
-        kids = T._take_row(tree.children, cur)
-        found = jnp.full((b,), -1, jnp.int32)
-        u = jax.random.uniform(k_u, kids.shape)
-        for j in range(kids.shape[1]):
-            x = jnp.take_along_axis(tree.tokens, jnp.maximum(kids[:, j], 0)[:, None], 1)[:, 0]
-            acc = (kids[:, j] >= 0) & (found < 0) & (u[:, j] * qs[rows, x] < ps[rows, x])
-            found = jnp.where(acc, kids[:, j], found)
-        res = jnp.maximum(ps - qs, 0.0)
-        mass = res.sum(-1, keepdims=True)
-        dist = jnp.where(mass < S.RESIDUAL_FLOOR, ps, res / jnp.maximum(mass, 1e-30))
-        stop = ~stopped & (found < 0)
-        nxt = jnp.where(stop, S.sample_tokens(k_s, jnp.log(dist)), nxt)
-        cur = jnp.where(stopped | stop, cur, found)
-        stopped = stopped | stop
-        walked.append(cur)
-    return T._take_row(tree.depth, cur), nxt, T._full_path(tree, jnp.stack(walked[:-1]))
 
 
 def _emitted(tree, n_acc, nxt, path):
