@@ -158,9 +158,11 @@ def run_engine(engine: str, prompts, batch_size: int, *, args, cfg, params, hf: 
                                eos_ids=eos_ids, pad_id=args.pad_id, **sampling), None
     else:
         def call(ps):
+            tree = (dict(verify=args.verify, tree_budget=args.tree_budget)
+                    if engine == "orthrus" else {})
             res = decoder.generate(params, cfg, ps, mode=engine, max_new_tokens=args.max_new_tokens,
                                    batch_size=batch_size, block_size=args.block_size,
-                                   eos_token_ids=eos_ids, **sampling)
+                                   eos_token_ids=eos_ids, **sampling, **tree)
             return [r.token_ids for r in res], res
 
     warm_s = 0.0
@@ -179,7 +181,7 @@ def run_engine(engine: str, prompts, batch_size: int, *, args, cfg, params, hf: 
         rec.update(tpf=s["tpf"], acceptance_length=s["acceptance_length"],
                    forward_passes=s["forward_passes"], cycles=s["cycles"])
         if engine == "orthrus":
-            rec["acceptance_hist"] = s["acceptance_hist"]
+            rec.update(acceptance_hist=s["acceptance_hist"], nodes_per_cycle=s["nodes_per_cycle"])
     else:  # HF: one forward pass per new token (the prefill yields the first one)
         rec.update(tpf=1.0, acceptance_length=None, forward_passes=tokens, cycles=None)
     return ids, rec
@@ -266,7 +268,9 @@ def markdown(record: dict[str, Any]) -> str:
              f"- {a['num_prompts']} prompts from `{a['prompts']}` (last <= {a['max_prompt_tokens']}"
              f" tokens, mean {record['prompt_tokens_mean']:.0f}), max_new_tokens "
              f"{a['max_new_tokens']}, temperature {a['temperature']}, block size K = "
-             f"{record['block_size']}",
+             f"{record['block_size']}, Orthrus verification: {a.get('verify', 'chain')}"
+             + (f" (budget {a.get('tree_budget') or record['block_size'] - 1} nodes)"
+                if a.get("verify") == "tree" else ""),
              "- tokens/s = new tokens / wall time of the whole prompt set (prefill included, "
              "compile excluded: each shape warmed up first); TPF = tokens / forward passes; AL = "
              "accepted drafts per cycle (bonus excluded)\n"]
@@ -395,6 +399,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-size", type=int, default=None, help="K (default: the model's)")
+    p.add_argument("--verify", choices=("chain", "tree"), default="chain",
+                   help="Orthrus verification: chain (K-1 drafts) or tree (a draft tree)")
+    p.add_argument("--tree-budget", type=int, default=None,
+                   help="with --verify tree: draft nodes per cycle (default K-1)")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
                    help="compute dtype for ours and HF (default float32: exact matching)")
     p.add_argument("--eos", default=None, help="comma-separated EOS ids (default: model config)")

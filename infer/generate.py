@@ -56,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default 0)")
     p.add_argument("--mode", choices=("orthrus", "ar"), default="orthrus",
                    help="orthrus: diffusion draft + AR verify (default); ar: one token per pass")
+    p.add_argument("--verify", choices=("chain", "tree"), default="chain",
+                   help="orthrus: chain = verify the K-1 top drafts (default); tree = verify a draft "
+                        "tree of --tree-budget nodes built from the diffusion view's per-position "
+                        "distributions in one AR pass (greedy: same output; sampling: exact)")
+    p.add_argument("--tree-budget", type=int, default=None,
+                   help="with --verify tree: draft nodes verified per cycle besides the anchor "
+                        "(default K-1, the chain's count)")
     p.add_argument("--block-size", type=int, default=None,
                    help="K, tokens per draft block (anchor + K-1 drafts); default: the model's "
                         "block_size (32); 4, 8, 16 also work")
@@ -107,6 +114,7 @@ def stats_line(summary: dict, mode: str, ttft_s: float, wall_s: float) -> str:
              f"forward_passes={summary['forward_passes']}", f"tpf={summary['tpf']:.3f}"]
     if mode == "orthrus":
         parts.append(f"acceptance_length={summary['acceptance_length']:.3f}")
+        parts.append(f"nodes_per_cycle={summary['nodes_per_cycle']:.1f}")
     tps = summary["tokens"] / wall_s if wall_s > 0 else 0.0
     parts += [f"ttft_s={ttft_s:.3f}", f"wall_s={wall_s:.2f}", f"tokens_per_s={tps:.1f}"]
     return "[stats] " + " ".join(parts) + " (acceptance: drafts per cycle, bonus excluded; " \
@@ -143,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         params, cfg, ids, mode=args.mode, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         block_size=args.block_size, batch_size=args.batch_size, max_len=args.max_len,
-        on_tokens=on_tokens)
+        verify=args.verify, tree_budget=args.tree_budget, on_tokens=on_tokens)
     total = time.perf_counter() - t0
     if stream:
         sys.stdout.write(sd.flush() + "\n")

@@ -92,6 +92,47 @@ def test_bench_decode_smoke(tmp_path, micro_model_dir):
     assert "1 threads, --torch-threads" in md and "at the start" in md and "at the end" in md
 
 
+def test_bench_decode_tree_verify(tmp_path, micro_model_dir):
+    """--verify tree: Orthrus with a 12-node tree matches our AR token for token."""
+    from bench import decode
+
+    rec = decode.main(["--model", str(micro_model_dir), "--prompts", str(DEV_PROMPTS),
+                       "--num-prompts", "2", "--max-new-tokens", "12", "--max-prompt-tokens", "16",
+                       "--block-size", "8", "--batch-sizes", "2", "--engines", "ar,orthrus",
+                       "--verify", "tree", "--tree-budget", "12", "--out-dir", str(tmp_path)])
+    assert rec["all_outputs_match"] is True
+    orth = next(r for r in rec["runs"] if r["engine"] == "orthrus")
+    assert orth["nodes_per_cycle"] == 12.0
+    assert "Orthrus verification: tree (budget 12 nodes)" in _load(tmp_path, rec, "markdown")
+
+
+def test_bench_tree_smoke(tmp_path, micro_model_dir):
+    from bench import tree
+
+    rec = tree.main(["--model", str(micro_model_dir), "--prompts", str(DEV_PROMPTS),
+                     "--num-prompts", "2", "--max-new-tokens", "12", "--max-prompt-tokens", "16",
+                     "--block-size", "8", "--batch-size", "2", "--budgets", "4,12",
+                     "--out-dir", str(tmp_path)])
+    runs = {(r["setting"], r["label"]): r for r in rec["runs"]}
+    assert set(runs) == {(s, c) for s in ("greedy", "sampled")
+                         for c in ("chain (7)", "tree@4", "tree@12")}
+    assert runs[("greedy", "tree@12")]["matches_chain"] == "2/2"
+    assert runs[("greedy", "tree@4")]["nodes_per_cycle"] <= 4
+    assert rec["targets"][0]["status"] == "SKIP"  # budget 32 not run
+    assert sorted(rec["files"]) == ["json", "markdown", "png"]
+    md = _load(tmp_path, rec, "markdown")
+    assert "python -m bench.tree" in md and "tree@12" in md
+
+
+def test_bench_tree_bad_budgets(tmp_path, capsys):
+    from bench import tree
+
+    with pytest.raises(SystemExit) as err:
+        tree.main(["--budgets", "8,x", "--out-dir", str(tmp_path)])
+    assert err.value.code == 2 and "--budgets '8,x'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_bench_decode_refuses_fewer_prompts_than_batch(tmp_path, capsys):
     from bench import decode
 

@@ -30,6 +30,18 @@ def test_stream_text_and_stats(model_dir, capsys):
     assert "acceptance_length=" in err
 
 
+def test_verify_tree_matches_chain(model_dir, capsys):
+    """--verify tree --tree-budget 12: the same greedy text as the chain, its nodes in the stats."""
+    args = ["--model", model_dir, "--prompt", "def fibonacci(n):", "--max-new-tokens", "24",
+            "--block-size", "8", "--no-stream"]
+    assert cli.main(args) == 0
+    chain_out, chain_err = capsys.readouterr()
+    assert cli.main(args + ["--verify", "tree", "--tree-budget", "12"]) == 0
+    tree_out, tree_err = capsys.readouterr()
+    assert tree_out == chain_out
+    assert "nodes_per_cycle=7.0" in chain_err and "nodes_per_cycle=12.0" in tree_err
+
+
 def test_json_batched_matches_api(model_dir, micro_fp32, tmp_path, capsys):
     prompts = ["import os\n", "class Foo:\n    def", "x = 1\ny ="]
     pf = tmp_path / "p.jsonl"
@@ -78,6 +90,8 @@ def test_chat_template_rendering(tmp_path):
     (["--prompt", "hi", "--block-size", "0"], "block_size must be >= 2, got 0"),
     (["--prompt", "hi", "--max-len", "0"], "max_len must be in 1..4096"),
     (["--prompt", "hi", "--max-len", "100000"], "max_len must be in 1..4096"),
+    (["--prompt", "hi", "--verify", "tree", "--tree-budget", "0"], "tree_budget must be >= 1"),
+    (["--prompt", "hi", "--verify", "tree", "--mode", "ar"], "verify 'tree' needs mode 'orthrus'"),
 ])
 def test_errors_one_line(model_dir, tmp_path, capsys, args, message):
     (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": 5}\n')
@@ -127,5 +141,5 @@ def test_help_mentions_every_flag():
     for flag in ("--model", "--prompt", "--prompts-file", "--chat", "--max-new-tokens",
                  "--temperature", "--top-k", "--top-p", "--seed", "--mode", "--block-size",
                  "--batch-size", "--json", "--dtype", "--max-len", "--no-stream", "--system",
-                 "--enable-thinking"):
+                 "--enable-thinking", "--verify", "--tree-budget"):
         assert flag in helptext
