@@ -199,25 +199,29 @@ def rejection_tree_verify(key: Array, tree: Tree, p_logprobs: Array,
     b, t, v = p_logprobs.shape
     c = tree.children.shape[2]
     steps = tree.walk  # the last step is at a leaf: its next token is the bonus, from p
-    p = jnp.exp(p_logprobs.astype(jnp.float32))
     q = jnp.exp(q_logprobs.astype(jnp.float32))
     k_u, k_s = jax.random.split(key)
     u = jax.random.uniform(k_u, (steps + 1, c, b), jnp.float32)
     rows = jnp.arange(b)
 
-    def node_outcome(cur, s, u_s):
-        """Recursive rejection over cur's children -> (accepted child or -1, residual)."""
-        r = _take_row(p, cur)  # [B, V]
+    def node_outcome(cur, s, active):
+        """Recursive rejection over cur's children -> (accepted child or -1, residual). Stops
+        when no active row has a sibling left to judge (most cycles end after a few)."""
+        r = jnp.exp(_take_row(p_logprobs, cur).astype(jnp.float32))  # [B, V]
         qd = q[:, jnp.minimum(s, q.shape[1] - 1)]  # children of a depth-s node are at s + 1
         kids = _take_row(tree.children, cur)  # [B, C]
 
-        def sibling(j, carry):
-            r, qd, found = carry
+        def live_at(j, found):
+            kid = kids[:, jnp.minimum(j, c - 1)]
+            return (j < c) & (kid >= 0) & (found < 0) & active
+
+        def sibling(carry):
+            j, r, qd, found = carry
             kid = kids[:, j]
             x = jnp.take_along_axis(tree.tokens, jnp.maximum(kid, 0)[:, None], axis=1)[:, 0]
-            live = (kid >= 0) & (found < 0)
+            live = live_at(j, found)
             qx, rx = qd[rows, x], r[rows, x]
-            acc = live & (u_s[j] * qx < rx)
+            acc = live & (u[s, j] * qx < rx)
             found = jnp.where(acc, kid, found)
             rej = live & ~acc
             res = jnp.maximum(r - qd, 0.0)
@@ -227,21 +231,25 @@ def rejection_tree_verify(key: Array, tree: Tree, p_logprobs: Array,
             q_rest = qd.at[rows, x].set(0.0)
             q_rest = q_rest / jnp.maximum(jnp.sum(q_rest, -1, keepdims=True), 1e-30)
             qd = jnp.where(rej[:, None], q_rest, qd)
-            return r, qd, found
+            return j + 1, r, qd, found
 
-        r, _, found = jax.lax.fori_loop(0, c, sibling, (r, qd, jnp.full((b,), -1, jnp.int32)))
+        _, r, _, found = jax.lax.while_loop(
+            lambda cr: jnp.any(live_at(cr[0], cr[3])), sibling,
+            (jnp.int32(0), r, qd, jnp.full((b,), -1, jnp.int32)))
         return found, r
 
-    def step(carry, xs):
-        cur, stopped, nxt = carry
-        s, u_s = xs
-        found, r = node_outcome(cur, s, u_s)
+    def step(carry):
+        s, cur, stopped, nxt, path = carry
+        found, r = node_outcome(cur, s, ~stopped)
         draw = sample_tokens(jax.random.fold_in(k_s, s), jnp.log(r))
         stop_here = ~stopped & (found < 0)
         nxt = jnp.where(stop_here, draw, nxt)
         cur = jnp.where(stopped | stop_here, cur, found)
-        return (cur, stopped | stop_here, nxt), cur
+        path = path.at[jnp.minimum(s, steps - 1)].set(jnp.where(s < steps, cur, path[steps - 1]))
+        return s + 1, cur, stopped | stop_here, nxt, path
 
-    init = (jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool), jnp.zeros((b,), jnp.int32))
-    (cur, _, nxt), path = jax.lax.scan(step, init, (jnp.arange(steps + 1), u))
-    return _take_row(tree.depth, cur), nxt, _full_path(tree, path[:steps])
+    init = (jnp.int32(0), jnp.zeros((b,), jnp.int32), jnp.zeros((b,), bool),
+            jnp.zeros((b,), jnp.int32), jnp.zeros((steps, b), jnp.int32))
+    _, cur, _, nxt, path = jax.lax.while_loop(
+        lambda cr: (cr[0] <= steps) & jnp.any(~cr[2]), step, init)
+    return _take_row(tree.depth, cur), nxt, _full_path(tree, path)

@@ -87,7 +87,6 @@ TREE = {"verify": "tree", "tree_budget": 6}  # K = 4: 6 nodes over depths 1..3, 
     ("orthrus", "copied", 0.5, 0, 0.6),
     ("ar", "random", 0.7, 6, 0.8),
     ("tree", "random", 1.0, 0, 1.0),
-    ("tree", "copied", 1.0, 0, 1.0),
     ("tree", "random", 0.7, 6, 0.8),
 ])
 def test_sampling_matches_exact_ar_marginals(tiny, mode, diff, temperature, top_k, top_p):
