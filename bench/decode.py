@@ -28,7 +28,8 @@ import numpy as np
 from bench import common
 from infer import decoder
 from orthrus_jax import paths
-from orthrus_jax.cli import ArgumentParser
+from orthrus_jax.checkpoint import load_any_model
+from orthrus_jax.cli import ArgumentParser, parse_dtype
 
 ENGINES = ("hf", "ar", "orthrus")
 LABELS = {"hf": "HF transformers generate", "ar": "ours, AR mode", "orthrus": "ours, Orthrus"}
@@ -58,16 +59,6 @@ def load_prompts(path: str, tokenizer_file: str, num_prompts: int, max_prompt_to
         raise common.UsageError(f"{path}: only {len(out)} non-empty prompts, --num-prompts "
                                 f"{num_prompts} requested")
     return out
-
-
-def load_ours(model_dir: str, dtype: str) -> tuple[Any, Any]:
-    """(cfg, params) from an Orthrus model dir (params/) or, failing that, an HF dir."""
-    dt = jnp.dtype(dtype)
-    if os.path.isdir(os.path.join(model_dir, "params")):
-        from orthrus_jax.checkpoint import load_model
-        return load_model(model_dir, dt)
-    from orthrus_jax.hf import read_hf_params
-    return read_hf_params(model_dir, dt)
 
 
 def find_tokenizer(*dirs: str) -> str:
@@ -199,7 +190,9 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> int | None:
 
 
 def compare(outputs: dict[str, list[list[int]]]) -> dict[str, Any]:
-    pairs = [("orthrus", "ar"), ("ar", "hf"), ("orthrus", "hf")]
+    """Per pair of engines: prompts whose greedy outputs are equal token for token (match / of,
+    share = match / of) and the first mismatches."""
+    pairs = [("orthrus", "ar"), ("ar", "hf"), ("orthrus", "hf"), ("ar", "ar_fp32")]
     out = {}
     for a, b in pairs:
         if a not in outputs or b not in outputs:
@@ -207,6 +200,7 @@ def compare(outputs: dict[str, list[list[int]]]) -> dict[str, Any]:
         div = [first_divergence(x, y) for x, y in zip(outputs[a], outputs[b])]
         bad = [(i, d) for i, d in enumerate(div) if d is not None]
         out[f"{a}=={b}"] = {"match": len(div) - len(bad), "of": len(div),
+                            "share": (len(div) - len(bad)) / len(div) if div else None,
                             "mismatches": [{"prompt": i, "first_diff_at": d} for i, d in bad[:20]]}
     return out
 
@@ -317,7 +311,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise common.UsageError(f"--torch-threads {args.torch_threads}: give N >= 1")
     record = common.header("decode", args)  # machine, load average at the start
     engines = [e for e in ENGINES if e in args.engines.split(",")]
-    cfg, params = load_ours(args.model, args.dtype)
+    cfg, params = load_any_model(args.model, jnp.dtype(args.dtype))
     eos_ids = tuple(cfg.eos_token_ids) if args.eos is None else tuple(
         int(e) for e in args.eos.split(",") if e.strip())
     if args.pad_id is None:
@@ -336,8 +330,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   block_size=int(args.block_size or cfg.block_size),
                   prompt_tokens_mean=float(np.mean([len(p) for p in prompts])))
     runs, match = [], {}
+    reference = None   # in a lower precision: our AR in fp32, untimed, the precision reference
+    if args.dtype != "float32" and args.temperature == 0 and "ar" in engines:
+        _, params32 = load_any_model(args.model, jnp.float32)
+        reference = [r.token_ids for r in decoder.generate(
+            params32, cfg, prompts, mode="ar", max_new_tokens=args.max_new_tokens,
+            batch_size=max(batch_sizes), eos_token_ids=eos_ids)]
+        del params32
     for b in batch_sizes:
-        outputs = {}
+        outputs = {} if reference is None else {"ar_fp32": reference}
         for e in engines:
             ids, rec = run_engine(e, prompts, b, args=args, cfg=cfg, params=params, hf=hf,
                                   eos_ids=eos_ids)
@@ -403,8 +404,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Orthrus verification: chain (K-1 drafts) or tree (a draft tree)")
     p.add_argument("--tree-budget", type=int, default=None,
                    help="with --verify tree: draft nodes per cycle (default K-1)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
-                   help="compute dtype for ours and HF (default float32: exact matching)")
+    p.add_argument("--dtype", default="float32", type=parse_dtype,
+                   help="compute dtype for ours and HF: fp32 (default: exact matching), bf16 or "
+                        "fp16 (float32, bfloat16, float16 accepted); below fp32 our AR is also "
+                        "run in fp32 once and compared (ar==ar_fp32)")
     p.add_argument("--eos", default=None, help="comma-separated EOS ids (default: model config)")
     p.add_argument("--pad-id", type=int, default=None, help="HF pad id (default: first EOS)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per config; best is kept")

@@ -31,7 +31,7 @@ import numpy as np
 
 from bench import common
 from infer import decoder
-from orthrus_jax.cli import ArgumentParser
+from orthrus_jax.cli import ArgumentParser, parse_dtype
 from orthrus_jax.config import Qwen3Config
 from orthrus_jax.params import (DIFF_KEYS, DIFF_SOURCE, count_params, init_params, param_shapes,
                                 param_summary)
@@ -251,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="qwen3-1.7b,qwen3-8b",
                    help=f"comma-separated, from {', '.join(SHAPE_NAMES)}; only 'tiny' runs without a GPU")
-    p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--dtype", default="bfloat16", type=parse_dtype,
+                   help="bf16 (default), fp32 or fp16 (float32, bfloat16, float16 accepted)")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)

@@ -14,11 +14,11 @@ import sys
 
 from tqdm import tqdm
 
-from orthrus_jax.cli import ArgumentParser, run_cli
+from orthrus_jax.cli import ArgumentParser, parse_dtype, run_cli
 from orthrus_jax.checkpoint import write_model_dir_streaming
 from orthrus_jax.config import load_config
 from orthrus_jax.params import param_summary
-from orthrus_jax.hf import AUTO_DTYPE, DTYPES, count_hf_tensors, iter_hf_leaves
+from orthrus_jax.hf import AUTO_DTYPE, count_hf_tensors, iter_hf_leaves
 
 
 def convert_hf_to_orbax(hf_dir: str, out_dir: str, dtype: str = AUTO_DTYPE, overwrite: bool = False,
@@ -49,10 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True,
                         help="output model directory; must not exist (written beside it, then "
                              "renamed into place)")
-    parser.add_argument("--dtype", choices=[AUTO_DTYPE, *sorted(DTYPES)], default=AUTO_DTYPE,
+    parser.add_argument("--dtype", type=lambda v: v if v == AUTO_DTYPE else parse_dtype(v),
+                        default=AUTO_DTYPE,
                         help="dtype of the stored parameters: auto (default) keeps the "
                              "checkpoint's, so HF -> Orbax -> HF is bit-identical; bf16, fp16 or "
-                             "fp32 cast every tensor")
+                             "fp32 (float32, bfloat16, float16 accepted) cast every tensor")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace --out if it exists")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

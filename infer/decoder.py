@@ -31,6 +31,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from orthrus_jax import sharding as shd
 from orthrus_jax import spec as S
 from orthrus_jax import tree as T
 from orthrus_jax.cache import KVCache, init_cache, write_cache
@@ -66,6 +69,7 @@ class DecodeSpec:
     eos_ids: tuple[int, ...] = ()
     verify: str = "chain"  # orthrus: "chain" (K-1 drafts) or "tree" (tree_budget nodes)
     tree_budget: int = 0  # draft nodes per cycle besides the anchor (verify="tree")
+    mesh: Any = None  # a (data, fsdp=1, tensor) inference mesh: rows over data, heads over tensor
 
     @property
     def nodes(self) -> int:
@@ -125,6 +129,27 @@ def _pick(spec: DecodeSpec, sampling: Sampling, key: Array, logits: Array) -> Ar
     return S.sample_tokens(key, _processed(spec, sampling, logits))
 
 
+def _constrain(spec: DecodeSpec, state: Any) -> Any:
+    """On a mesh: the KV cache over rows (data) and KV heads (tensor), per-row arrays over rows
+    (a DecodeState or a bare KVCache)."""
+    if spec.mesh is None:
+        return state
+    cache = state if isinstance(state, KVCache) else state.cache
+    kv_spec, len_spec = shd.cache_specs(spec.cfg, spec.mesh, cache.length.shape[0])
+
+    def put(x, pspec):
+        return jax.lax.with_sharding_constraint(x, NamedSharding(spec.mesh, pspec))
+
+    cache = cache.replace(k=put(cache.k, kv_spec), v=put(cache.v, kv_spec),
+                          length=put(cache.length, len_spec))
+    if isinstance(state, KVCache):
+        return cache
+    rows = {f: put(getattr(state, f), shd.row_spec(spec.mesh, getattr(state, f).shape))
+            for f in ("anchor", "out", "n_out", "max_new", "done", "cycles", "acc_hist", "pos_acc",
+                      "nodes", "judged", "accepted")}
+    return state.replace(cache=cache, **rows)
+
+
 def _write_rows(buf: Array, block: Array, start: Array) -> Array:
     return jax.vmap(lambda b, x, s: jax.lax.dynamic_update_slice(b, x, (s,)))(buf, block, start)
 
@@ -139,7 +164,7 @@ def prefill_fn(params: Any, spec: DecodeSpec, tokens: Array, prompt_lens: Array,
     TRACE_COUNTS["prefill"] += 1
     b, p = tokens.shape
     dtype = params["embed"].dtype
-    cache = init_cache(spec.cfg, b, spec.cache_len(p), dtype)
+    cache = _constrain(spec, init_cache(spec.cfg, b, spec.cache_len(p), dtype))
     hidden, cache = ar_forward(params, spec.cfg, tokens, cache)
     last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
     key, sub = jax.random.split(key)
@@ -151,13 +176,13 @@ def prefill_fn(params: Any, spec: DecodeSpec, tokens: Array, prompt_lens: Array,
     for e in spec.eos_ids:
         is_eos = is_eos | (first == e)
     done = (n_out >= max_new) | is_eos
-    return DecodeState(
+    return _constrain(spec, DecodeState(
         cache=cache.replace(length=prompt_lens.astype(jnp.int32)), anchor=first, out=out,
         n_out=n_out, max_new=max_new.astype(jnp.int32), done=done, key=key,
         cycles=jnp.zeros((b,), jnp.int32), acc_hist=jnp.zeros((b, k), jnp.int32),
         pos_acc=jnp.zeros((b, max(k - 1, 1)), jnp.int32), nodes=jnp.zeros((b,), jnp.int32),
         judged=jnp.zeros((b,), jnp.int32), accepted=jnp.zeros((b,), jnp.int32),
-        steps=jnp.int32(0))
+        steps=jnp.int32(0)))
 
 
 def step_fn(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Sampling) -> DecodeState:
@@ -205,14 +230,14 @@ def step_fn(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Samplin
     hist = state.acc_hist + (active[:, None] & (jnp.arange(kk)[None, :] == n_kept[:, None]))
     pos = state.pos_acc + (active[:, None]
                            & (jnp.arange(state.pos_acc.shape[1])[None, :] < n_kept[:, None]))
-    return state.replace(
+    return _constrain(spec, state.replace(
         cache=cache.replace(length=length.astype(jnp.int32)),
         anchor=jnp.where(active, new_anchor, state.anchor), out=out,
         n_out=state.n_out + n_emit, done=state.done | (active & finished), key=key,
         cycles=state.cycles + active.astype(jnp.int32), acc_hist=hist.astype(jnp.int32),
         pos_acc=pos.astype(jnp.int32), nodes=state.nodes + jnp.where(active, n_nodes, 0),
         judged=state.judged + jnp.where(active, judged, 0),
-        accepted=state.accepted + jnp.where(active, n_acc, 0), steps=state.steps + 1)
+        accepted=state.accepted + jnp.where(active, n_acc, 0), steps=state.steps + 1))
 
 
 def _tree_cycle(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Sampling,
@@ -386,7 +411,8 @@ def batch_bucket(n: int, batch_size: int) -> int:
 def make_spec(cfg: Qwen3Config, *, mode: str = "orthrus", max_new_tokens: int = 256,
               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
               block_size: int | None = None, eos_token_ids: Sequence[int] | None = None,
-              verify: str = "chain", tree_budget: int | None = None) -> DecodeSpec:
+              verify: str = "chain", tree_budget: int | None = None,
+              mesh: Any = None) -> DecodeSpec:
     if mode not in MODES:
         raise GenerationError(f"mode must be one of {MODES}, got {mode!r}")
     if verify not in VERIFY:
@@ -413,7 +439,7 @@ def make_spec(cfg: Qwen3Config, *, mode: str = "orthrus", max_new_tokens: int = 
                       greedy=greedy, top_k=0 if greedy else int(top_k),
                       use_top_p=(not greedy) and top_p < 1.0,
                       eos_ids=tuple(int(e) for e in eos), verify=verify,
-                      tree_budget=budget if verify == "tree" else 0)
+                      tree_budget=budget if verify == "tree" else 0, mesh=mesh)
 
 
 def _check_prompts(cfg: Qwen3Config, prompts: Sequence[Sequence[int]], max_new: int,
@@ -455,11 +481,19 @@ class _Batch:
     def __init__(self, params, spec: DecodeSpec, prompts, max_new: int, batch: int,
                  sampling: Sampling, key: Array, pad_to: int = 0):
         self.params, self.spec, self.sampling, self.n = params, spec, sampling, len(prompts)
-        tokens, lens, limits = _pad_batch(prompts, max_new, batch, pad_to)
+        inputs = _pad_batch(prompts, max_new, batch, pad_to)
         self.t0 = time.perf_counter()
-        self.state = prefill_jit(params, spec, jnp.asarray(tokens), jnp.asarray(lens),
-                                 jnp.asarray(limits), sampling, key)
-        self.first = np.asarray(self.state.anchor)  # host sync: time to first token
+        if spec.mesh is None:
+            inputs = tuple(jnp.asarray(x) for x in inputs)
+        else:  # global arrays (rows over data), so every process runs the one program
+            inputs = tuple(shd.put_global(x, NamedSharding(spec.mesh, shd.row_spec(spec.mesh, x.shape)))
+                           for x in inputs)
+            sampling, key = jax.tree_util.tree_map(
+                lambda x: shd.put_global(np.asarray(x), NamedSharding(spec.mesh, P())),
+                (sampling, key))
+            self.sampling = sampling
+        self.state = prefill_jit(params, spec, *inputs, sampling, key)
+        self.first = shd.to_host(self.state.anchor)  # host sync: time to first token
         self.ttft = time.perf_counter() - self.t0
 
     def run(self) -> None:
@@ -469,20 +503,20 @@ class _Batch:
         """Yield, per cycle, each real row's newly committed tokens (the first yield: token 1)."""
         seen = np.zeros((self.n,), np.int64)
         while True:
-            n_out = np.asarray(self.state.n_out)[: self.n]
-            out = np.asarray(self.state.out)[: self.n]
+            n_out = shd.to_host(self.state.n_out)[: self.n]
+            out = shd.to_host(self.state.out)[: self.n]
             new = [out[i, seen[i]: n_out[i]].tolist() for i in range(self.n)]
             seen = n_out.astype(np.int64)
             if any(new):
                 yield new
-            if bool(np.all(np.asarray(self.state.done))):
+            if bool(np.all(shd.to_host(self.state.done))):
                 return
             self.state = step_jit(self.params, self.spec, self.state, self.sampling)
 
     def results(self) -> list[GenerationResult]:
-        host = jax.device_get({"out": self.state.out, "n_out": self.state.n_out,
-                               "cycles": self.state.cycles, "hist": self.state.acc_hist,
-                               "pos": self.state.pos_acc, "nodes": self.state.nodes})
+        host = jax.tree_util.tree_map(shd.to_host, {
+            "out": self.state.out, "n_out": self.state.n_out, "cycles": self.state.cycles,
+            "hist": self.state.acc_hist, "pos": self.state.pos_acc, "nodes": self.state.nodes})
         elapsed = time.perf_counter() - self.t0
         eos = set(self.spec.eos_ids)
         res = []
@@ -507,7 +541,8 @@ def generate(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]], *,
              batch_size: int = 32, max_len: int | None = None, pad_to: int = 0,
              eos_token_ids: Sequence[int] | None = None, verify: str = "chain",
              tree_budget: int | None = None,
-             on_tokens: Callable[[int, list[int]], None] | None = None) -> list[GenerationResult]:
+             on_tokens: Callable[[int, list[int]], None] | None = None,
+             mesh: Any = None) -> list[GenerationResult]:
     """Generate for a list of token-id prompts; results in prompt order.
 
     mode "orthrus" (diffusion draft + AR verify, K = block_size or cfg.block_size) or "ar".
@@ -520,11 +555,14 @@ def generate(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]], *,
     tree of tree_budget nodes per cycle (default K-1, the chain's count) instead of the chain of
     K-1 drafts (orthrus_jax.tree). on_tokens(prompt_index, new_ids) streams tokens
     per cycle (a Python stepper over the same jitted step); without it each batch is one
-    while_loop call.
+    while_loop call. mesh (orthrus_jax.sharding.inference_mesh) runs each batch as one program
+    over it, rows split over data (batches padded to a multiple of its size), heads over
+    tensor; params must already be placed on it (load_any_model(..., mesh, inference=True) or
+    orthrus_jax.sharding.place_params).
     """
     spec = make_spec(cfg, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
                      top_k=top_k, top_p=top_p, block_size=block_size, eos_token_ids=eos_token_ids,
-                     verify=verify, tree_budget=tree_budget)
+                     verify=verify, tree_budget=tree_budget, mesh=mesh)
     if batch_size < 1:
         raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
     prompts = [list(map(int, p)) for p in prompts]
@@ -538,8 +576,10 @@ def generate(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]], *,
                 results[i] = GenerationResult([], _row_stats(mode, 0, 0, np.zeros(1), np.zeros(1),
                                                              False, 0.0, 0.0, spec.block_size))
             continue
-        batch = _Batch(params, spec, [prompts[i] for i in idx], max_new_tokens,
-                       batch_bucket(len(idx), batch_size), sampling,
+        rows = batch_bucket(len(idx), batch_size)
+        if mesh is not None:
+            rows = -(-rows // mesh.shape["data"]) * mesh.shape["data"]
+        batch = _Batch(params, spec, [prompts[i] for i in idx], max_new_tokens, rows, sampling,
                        jax.random.fold_in(base_key, bi), pad_to)
         if on_tokens is None:
             batch.run()

@@ -10,9 +10,10 @@ import os
 import sys
 from typing import Sequence
 
-from orthrus_jax.cli import ArgumentParser
-
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
+from orthrus_jax.cli import (
+    ArgumentParser, add_parallel_arguments, check_parallel_arguments, default_compute_dtype,
+    parse_dtype,
+)
 
 
 def default_model_dir() -> str:
@@ -72,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-len", type=int, default=None,
                    help="cache capacity in positions: prompt + max-new-tokens must fit (default: "
                         "the model's max_position_embeddings)")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                   help="compute precision of weights and KV cache (default fp32)")
+    p.add_argument("--dtype", type=parse_dtype, default=None,
+                   help="compute precision of weights and KV cache: fp32, bf16 or fp16 (float32, "
+                        "bfloat16, float16 accepted); default bf16 on GPU/TPU, fp32 on CPU")
+    add_parallel_arguments(p)
     p.add_argument("--json", action="store_true",
                    help="print one JSON object per prompt and line: prompt, text, token_ids (new "
                         "tokens only), stats (tokens, forward_passes, tpf, acceptance_length, "
@@ -124,20 +127,30 @@ def stats_line(summary: dict, mode: str, ttft_s: float, wall_s: float) -> str:
 def run(args: argparse.Namespace) -> int:
     import time
 
+    import jax
     import jax.numpy as jnp
 
     from infer import decoder, text
-    from orthrus_jax.checkpoint import load_model
+    from orthrus_jax import sharding as shd
+    from orthrus_jax.checkpoint import load_any_model
+    from orthrus_jax.config import load_config
 
+    shd.maybe_initialize_distributed(args.distributed)
     model_dir = args.model or default_model_dir()
     prompts = read_prompts(args)
-    cfg, params = load_model(model_dir, getattr(jnp, DTYPES[args.dtype]))
+    mesh = None
+    if args.tensor_parallel_size * args.data_parallel_size > 1 or args.distributed:
+        mesh = shd.inference_mesh(load_config(model_dir), args.tensor_parallel_size,
+                                  args.data_parallel_size)
+    cfg, params = load_any_model(model_dir, jnp.dtype(args.dtype or default_compute_dtype()),
+                                 mesh, inference=True)
     tok = text.load_tokenizer(model_dir)
     rendered = ([text.chat_prompt(model_dir, p, system=args.system,
                                   enable_thinking=args.enable_thinking) for p in prompts]
                 if args.chat else prompts)
     ids = [text.encode(tok, r) for r in rendered]
-    stream = (len(prompts) == 1 and not args.json and not args.no_stream)
+    lead = jax.process_index() == 0    # every host runs the program; the first one prints
+    stream = (len(prompts) == 1 and not args.json and not args.no_stream and lead)
     on_tokens = None
     if stream:
         sd = text.StreamDecoder(tok)
@@ -151,8 +164,10 @@ def run(args: argparse.Namespace) -> int:
         params, cfg, ids, mode=args.mode, max_new_tokens=args.max_new_tokens,
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
         block_size=args.block_size, batch_size=args.batch_size, max_len=args.max_len,
-        verify=args.verify, tree_budget=args.tree_budget, on_tokens=on_tokens)
+        verify=args.verify, tree_budget=args.tree_budget, on_tokens=on_tokens, mesh=mesh)
     total = time.perf_counter() - t0
+    if not lead:
+        return 0
     if stream:
         sys.stdout.write(sd.flush() + "\n")
     for prompt, r in zip(prompts, results):
@@ -171,7 +186,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_parallel_arguments(parser, args)
     from orthrus_jax.config import ConfigError
 
     try:

@@ -250,9 +250,9 @@ def model_leaf_specs(model_dir: str) -> tuple[Qwen3Config, dict[str, jax.ShapeDt
 
 def iter_model_leaves(model_dir: str, dtype: Any = None,
                       shardings: dict[str, Any] | None = None) -> Iterator[tuple[str, jax.Array]]:
-    """(leaf name, array) one leaf at a time, in leaf_shapes order; dtype casts each leaf as it
-    is read (None keeps the stored dtype); shardings (leaf name -> jax.sharding.Sharding)
-    places leaves at restore time."""
+    """(leaf name, array) one leaf at a time, in leaf_shapes order; dtype (None keeps the stored
+    one) and shardings (leaf name -> jax.sharding.Sharding) are applied by Orbax at restore
+    time: each leaf is read straight into its shards in the target dtype."""
     cfg, specs = model_leaf_specs(model_dir)
     path = _params_path(model_dir)
     index = _read_index(path)
@@ -269,7 +269,8 @@ def iter_model_leaves(model_dir: str, dtype: Any = None,
             if name not in index["leaves"]:
                 raise ConfigError(f"{path}/{LEAF_INDEX}: no parameter leaf {name!r}")
             sub = index["leaves"][name]["dir"]
-            target = jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=shardings.get(name))
+            target = jax.ShapeDtypeStruct(spec.shape, spec.dtype if dtype is None else dtype,
+                                          sharding=shardings.get(name))
             leaf_path = os.path.join(path, sub)
             try:
                 arr = cast(checkpointer.restore(leaf_path, {sub: target})[sub])
@@ -294,27 +295,30 @@ def load_model(model_dir: str, dtype: Any = None) -> tuple[Qwen3Config, Params]:
 
 
 def load_any_model(model_dir: str, dtype: Any = jnp.float32, mesh: Any = None,
-                   ) -> tuple[Qwen3Config, Params]:
+                   inference: bool = False) -> tuple[Qwen3Config, Params]:
     """(cfg, params) from an Orthrus model dir (params/) or an HF dir (model.safetensors), one
-    leaf at a time, cast to dtype.
+    leaf at a time, in dtype.
 
-    With a mesh, every leaf goes straight into its sharding by orthrus_jax.sharding's rules: an
-    Orthrus dir is restored into them by Orbax, an HF leaf is read on the host and each process
-    places only its own shards (no whole copy on one device); missing _diff twins of an HF dir
-    are copies of their AR weights."""
+    With a mesh, every leaf goes straight into its sharding by orthrus_jax.sharding's rules (the
+    inference rules, no fsdp, with inference=True): an Orthrus dir is restored into them by Orbax
+    in the target dtype, an HF leaf is read on the host in the target dtype and each process
+    places only its own shards; nothing is ever whole on one device, nor fp32 first. Missing
+    _diff twins of an HF dir are copies of their AR weights."""
     if os.path.isdir(os.path.join(model_dir, PARAMS_SUBDIR)):
         if mesh is None:
             return load_model(model_dir, dtype)
         cfg, specs = model_leaf_specs(model_dir)
-        shardings = dict(iter_leaves(shd.param_shardings(assemble_leaves(specs.items()), mesh)))
+        shardings = dict(iter_leaves(_mesh_shardings(cfg, assemble_leaves(specs.items()), mesh,
+                                                     inference)))
         return cfg, assemble_leaves(iter_model_leaves(model_dir, dtype, shardings))
     if mesh is None:
         return read_hf_params(model_dir, dtype)
     cfg, leaves = iter_hf_leaves(model_dir, dtype, copy_diff=True)
-    shardings = dict(iter_leaves(shd.param_shardings(param_shapes(cfg), mesh)))
+    shardings = dict(iter_leaves(_mesh_shardings(cfg, param_shapes(cfg), mesh, inference)))
+    return cfg, assemble(cfg, ((name, shd.put_global(arr, shardings[name])) for name, arr in leaves))
 
-    def placed():
-        for name, arr in leaves:
-            yield name, jax.make_array_from_callback(arr.shape, shardings[name],
-                                                     lambda index, arr=arr: arr[index])
-    return cfg, assemble(cfg, placed())
+
+def _mesh_shardings(cfg: Qwen3Config, tree: Any, mesh: Any, inference: bool) -> Any:
+    if inference:
+        return shd.inference_param_shardings(cfg, tree, mesh)
+    return shd.param_shardings(tree, mesh)

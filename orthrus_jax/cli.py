@@ -30,3 +30,43 @@ def run_cli(fn: Callable[[], object]) -> int:
         print(f"error: {' '.join(msg.split())}", file=sys.stderr)
         return 2
     return 0
+
+
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16",
+               "float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def parse_dtype(name: str) -> str:
+    """One spelling of dtypes for every CLI: fp32, bf16, fp16 (float32, bfloat16, float16 too);
+    returns the numpy name ('bfloat16'). An argparse `type=`: a bad name is a usage error."""
+    key = str(name).strip().lower()
+    if key not in DTYPE_NAMES:
+        raise argparse.ArgumentTypeError(f"{name!r} is not a dtype; use fp32, bf16 or fp16 "
+                                         "(float32, bfloat16, float16 accepted too)")
+    return DTYPE_NAMES[key]
+
+
+def default_compute_dtype() -> str:
+    """bfloat16 on GPU and TPU, float32 on CPU: the default for generation and data generation."""
+    import jax
+
+    return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
+
+
+def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
+    """vLLM's --tensor-parallel-size and --data-parallel-size (one program over a device mesh)."""
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                        help="split attention heads (whole heads) and the MLP over N devices "
+                             "(default 1); the model's query heads must divide by N")
+    parser.add_argument("--data-parallel-size", "-dp", type=int, default=1, metavar="N",
+                        help="split batch rows over N groups of devices (default 1)")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-host: call jax.distributed.initialize() first (coordinator "
+                             "from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID "
+                             "or the cluster's auto-detection); every host runs the same command")
+
+
+def check_parallel_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    for flag in ("tensor_parallel_size", "data_parallel_size"):
+        if getattr(args, flag) < 1:
+            parser.error(f"argument --{flag.replace('_', '-')}: must be >= 1")

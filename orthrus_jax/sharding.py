@@ -4,6 +4,11 @@ One mesh over ("data", "fsdp", "tensor"); one frozen dataclass of shape-named Pa
 Suffixes name the dimensions: l = layer, d = model dim, q/kv = attention projection width,
 f = MLP width, v = vocab, b = batch rows, s = sequence. A mesh axis that does not divide its
 dimension is dropped for that leaf (replicated), so tiny test configs run on any mesh.
+
+Inference (generate, make_data, the server) uses the same rules without the fsdp axis
+(`inference_rules`): attention projections split by whole heads over "tensor" (k/v only when the
+KV heads divide the tensor size; otherwise they are replicated, as vLLM does), MLP and vocab over
+"tensor", the KV cache over KV heads ("tensor") and rows ("data").
 """
 from __future__ import annotations
 
@@ -16,13 +21,16 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from orthrus_jax.config import ConfigError, Qwen3Config
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
 @dataclasses.dataclass(frozen=True)
 class ShardingRules:
-    w_in_ldq: P = P(None, "fsdp", "tensor")     # q/k/v_proj(_diff), gate/up_proj: [layers, in, out]
+    w_in_ldq: P = P(None, "fsdp", "tensor")     # q_proj(_diff), gate/up_proj: [layers, in, out]
+    w_kv_ldk: P = P(None, "fsdp", "tensor")     # k/v_proj(_diff): [layers, in, kv heads * hd]
     w_out_lqd: P = P(None, "tensor", "fsdp")    # o_proj(_diff), down_proj: [layers, in, out]
     norm_ld: P = P(None, None)                  # per-layer norms
     embed_vd: P = P("tensor", "fsdp")
@@ -38,6 +46,8 @@ class ShardingRules:
                 return self.norm_ld
             if name.startswith(("o_proj", "down_proj")):
                 return self.w_out_lqd
+            if name.startswith(("k_proj", "v_proj")):
+                return self.w_kv_ldk
             return self.w_in_ldq
         return {"embed": self.embed_vd, "lm_head": self.head_dv}.get(name, self.norm_d)
 
@@ -127,3 +137,76 @@ def maybe_initialize_distributed(enabled: bool) -> None:
     env = {name: os.environ.get(var) for name, var in (("num_processes", "JAX_NUM_PROCESSES"),
                                                        ("process_id", "JAX_PROCESS_ID"))}
     jax.distributed.initialize(**{k: int(v) for k, v in env.items() if v not in (None, "")})
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference: tensor and data parallel over one (data, fsdp=1, tensor) mesh.
+
+
+def inference_mesh(cfg: Qwen3Config, tensor: int = 1, data: int = 1, devices: Any = None) -> Mesh:
+    """The mesh of --tensor-parallel-size / --data-parallel-size over every process's devices
+    (the first data * tensor of them), after checking that the model's heads allow it."""
+    devices = list(devices if devices is not None else jax.devices())
+    if tensor < 1 or data < 1:
+        raise ConfigError(f"--tensor-parallel-size {tensor} / --data-parallel-size {data}: "
+                          "both must be >= 1")
+    if cfg.num_heads % tensor:
+        raise ConfigError(f"--tensor-parallel-size {tensor}: total number of attention heads "
+                          f"({cfg.num_heads}) must be divisible by tensor parallel size ({tensor})")
+    if data * tensor > len(devices):
+        raise ConfigError(f"--tensor-parallel-size {tensor} x --data-parallel-size {data} needs "
+                          f"{data * tensor} devices, {len(devices)} available")
+    return make_mesh(data, 1, tensor, devices)
+
+
+def kv_heads_split(cfg: Qwen3Config, mesh: Mesh) -> bool:
+    """Whether KV heads are split over the tensor axis (else every device holds all of them)."""
+    return cfg.num_kv_heads % mesh.shape["tensor"] == 0
+
+
+def inference_rules(cfg: Qwen3Config, mesh: Mesh) -> ShardingRules:
+    """The named rules without fsdp (weights are never gathered per step): heads, MLP and vocab
+    over tensor; k/v projections by whole KV heads, or replicated when those do not divide."""
+    kv = "tensor" if kv_heads_split(cfg, mesh) else None
+    return ShardingRules(w_in_ldq=P(None, None, "tensor"), w_kv_ldk=P(None, None, kv),
+                         w_out_lqd=P(None, "tensor", None), embed_vd=P("tensor", None),
+                         head_dv=P(None, "tensor"))
+
+
+def inference_param_shardings(cfg: Qwen3Config, tree: Any, mesh: Mesh) -> Any:
+    """NamedShardings of a parameter tree (arrays or ShapeDtypeStructs) for inference."""
+    return param_shardings(tree, mesh, inference_rules(cfg, mesh))
+
+
+def place_params(cfg: Qwen3Config, params: Any, mesh: Mesh) -> Any:
+    """In-memory params onto the inference mesh, leaf by leaf from the host (each process
+    places only its own shards; multi-process callers must hold the same values)."""
+    shardings = inference_param_shardings(cfg, params, mesh)
+    return jax.tree_util.tree_map(lambda x, s: put_global(np.asarray(x), s), params, shardings)
+
+
+def cache_specs(cfg: Qwen3Config, mesh: Mesh, batch: int) -> tuple[P, P]:
+    """(spec of k/v [layers, rows, positions, kv heads, hd], spec of length [rows])."""
+    rows = "data" if batch % mesh.shape["data"] == 0 else None
+    kv = "tensor" if kv_heads_split(cfg, mesh) else None
+    return P(None, rows, None, kv, None), P(rows)
+
+
+def row_spec(mesh: Mesh, shape: tuple[int, ...]) -> P:
+    """Rows (the leading dimension) over data, when they divide."""
+    return fit_spec(P("data"), shape, mesh) if shape else P()
+
+
+def put_global(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A host array (the same on every process) as a global array: each process places only
+    its addressable shards, so nothing is ever whole on one device."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """The whole value of a (possibly multi-process) array in host memory."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -9,6 +9,7 @@ from typing import Any
 
 import yaml
 
+from orthrus_jax.cli import DTYPE_NAMES
 from orthrus_jax.config import ConfigError
 
 
@@ -96,7 +97,8 @@ def _problems(c: TrainConfig) -> list[str]:
                    f"anchor_chunks={c.anchor_chunks}")
     for key in ("compute_dtype", "export_dtype"):
         if getattr(c, key) not in DTYPES:
-            out.append(f"{key}={getattr(c, key)!r} is not one of {', '.join(DTYPES)}")
+            out.append(f"{key}={getattr(c, key)!r} is not one of {', '.join(DTYPES)} "
+                       "(or fp32, bf16, fp16)")
     if not (c.epochs > 0 or c.max_steps > 0):
         out.append(f"epochs={c.epochs} must be > 0 (or set max_steps)")
     for key, lo, hi in (("warmup_frac", 0.0, 1.0), ("lr_floor", 0.0, 1.0), ("b1", 0.0, 1.0),
@@ -182,6 +184,9 @@ def load_config(path: str | None = None, overrides: list[str] | tuple[str, ...] 
         except (TypeError, ValueError, OverflowError):
             raise ConfigError(f"{where}: {key}: expected {_EXPECTED[fields[key]]}, "
                               f"got {value!r}") from None
+    for key in ("compute_dtype", "export_dtype"):   # the one spelling of every CLI: bf16, ...
+        if key in typed and str(typed[key]).lower() in DTYPE_NAMES:
+            typed[key] = DTYPE_NAMES[str(typed[key]).lower()]
     try:
         return TrainConfig(**typed)
     except ConfigError as err:

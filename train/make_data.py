@@ -1,7 +1,8 @@
 """Self-distillation data: the frozen model's own greedy continuations of training prompts.
 
     python -m train.make_data --model DIR --prompts FILE --out DIR --max-new-tokens N [--limit N]
-        [--chat [--system TEXT]]
+        [--chat [--system TEXT]] [--dtype bf16] [--tensor-parallel-size N] [--data-parallel-size N]
+        [--distributed]
 
 Each document is `prompt tokens + greedy continuation` with a response mask (0 = context,
 1 = target); with --chat the prompt is first rendered with the model's chat template (a user
@@ -11,6 +12,10 @@ with a larger --limit regenerates a chunk that holds fewer prompts than it shoul
 end the chunks are joined into OUT/tokens.npy, OUT/mask.npy (flat) and OUT/offsets.npy
 (doc i = [offsets[i], offsets[i+1])), which `train.data.DocSource` reads by random access
 (numpy memmap), as a grain RandomAccessDataSource.
+
+The teacher runs in --dtype (default bf16 on GPU/TPU, fp32 on CPU), over a device mesh with
+--tensor-parallel-size / --data-parallel-size (heads over tensor, rows of each batch over data),
+and across hosts with --distributed: every host runs the same command, the first one writes.
 """
 from __future__ import annotations
 
@@ -22,21 +27,27 @@ import sys
 import time
 import zipfile
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
 from infer.decoder import generate
 from infer.text import chat_prompt, encode, load_tokenizer
+from orthrus_jax import sharding as shd
 from orthrus_jax.checkpoint import load_any_model
-from orthrus_jax.cli import ArgumentParser, run_cli
-from orthrus_jax.config import ConfigError, Qwen3Config
+from orthrus_jax.cli import (
+    ArgumentParser, add_parallel_arguments, check_parallel_arguments, default_compute_dtype,
+    parse_dtype, run_cli,
+)
+from orthrus_jax.config import ConfigError, Qwen3Config, load_config
 
 
-def greedy_generate(params, cfg: Qwen3Config, prompts: list[list[int]], max_new: int) -> list[list[int]]:
+def greedy_generate(params, cfg: Qwen3Config, prompts: list[list[int]], max_new: int,
+                    mesh=None) -> list[list[int]]:
     """Greedy continuations (cut after the first EOS, which is kept) for token-id prompts."""
     results = generate(params, cfg, prompts, mode="ar", max_new_tokens=max_new,
-                       batch_size=len(prompts))
+                       batch_size=len(prompts), mesh=mesh)
     return [_cut_eos(list(map(int, r.token_ids)), cfg) for r in results]
 
 
@@ -85,11 +96,14 @@ META_DEFAULTS = {"chat": False, "system": None}   # keys that older meta.json fi
 
 def make_data(model_dir: str, prompts_path: str, out_dir: str, max_new_tokens: int,
               limit: int | None = None, chunk_size: int = 256, batch_size: int = 128,
-              max_prompt_tokens: int = 1024, chat: bool = False, system: str | None = None) -> str:
+              max_prompt_tokens: int = 1024, chat: bool = False, system: str | None = None,
+              dtype: str | None = None, tensor: int = 1, data: int = 1,
+              distributed: bool = False) -> str:
     """Generate (or resume) OUT_DIR. Chunk c holds prompts [c * chunk_size, (c + 1) * chunk_size)
     of the first `limit`; a chunk is reused when it holds at least the prompts it should (one
     made with a larger --limit is cut), and generated again when it holds fewer (one made with a
-    smaller --limit)."""
+    smaller --limit). dtype: the teacher's compute dtype (default_compute_dtype() when None);
+    tensor / data: the inference mesh; with several processes only the first writes."""
     tok = load_tokenizer(model_dir)
     texts = read_prompts(prompts_path, limit)
     if not texts:
@@ -114,11 +128,17 @@ def make_data(model_dir: str, prompts_path: str, out_dir: str, max_new_tokens: i
             if old.get(k) != meta[k]:
                 raise ConfigError(f"--out {out_dir} holds data made with other settings ({k} "
                                   f"{old.get(k)!r}, now {meta[k]!r}); use a new --out")
+    mesh = None   # checked before anything is written
+    if tensor * data > 1 or distributed:
+        mesh = shd.inference_mesh(load_config(model_dir), tensor, data)
     todo = [c for c in range(n_chunks) if _chunk_docs(_chunk_path(out_dir, c)) < want[c]]
-    os.makedirs(os.path.join(out_dir, "chunks"), exist_ok=True)
-    with open(meta_path, "w") as f:
-        json.dump(meta, f, indent=2)
-    cfg, params = load_any_model(model_dir, jnp.float32) if todo else (None, None)
+    writer = jax.process_index() == 0
+    if writer:
+        os.makedirs(os.path.join(out_dir, "chunks"), exist_ok=True)
+        with open(meta_path, "w") as f:
+            json.dump(meta, f, indent=2)
+    cfg, params = (load_any_model(model_dir, jnp.dtype(dtype or default_compute_dtype()), mesh,
+                                  inference=True) if todo else (None, None))
     t0, new_tokens = time.time(), 0
     bar = tqdm(todo, desc="make_data", unit="chunk")
     for c in bar:
@@ -128,8 +148,11 @@ def make_data(model_dir: str, prompts_path: str, out_dir: str, max_new_tokens: i
         conts: list[list[int]] = [[] for _ in ids]
         for s in range(0, len(ids), batch_size):
             sel = order[s:s + batch_size]
-            for j, cont in zip(sel, greedy_generate(params, cfg, [ids[j] for j in sel], max_new_tokens)):
+            for j, cont in zip(sel, greedy_generate(params, cfg, [ids[j] for j in sel],
+                                                    max_new_tokens, mesh)):
                 conts[j] = cont
+        if not writer:
+            continue
         toks = np.concatenate([np.asarray(p + q, np.int32) for p, q in zip(ids, conts)])
         mask = np.concatenate([np.r_[np.zeros(len(p), np.uint8), np.ones(len(q), np.uint8)]
                                for p, q in zip(ids, conts)])
@@ -140,7 +163,8 @@ def make_data(model_dir: str, prompts_path: str, out_dir: str, max_new_tokens: i
         np.savez(tmp, tokens=toks, mask=mask, lengths=lens)
         os.replace(tmp, path)
         bar.set_postfix(tok_s=f"{new_tokens / (time.time() - t0):.0f}")
-    finalize(out_dir, want)
+    if writer:
+        finalize(out_dir, want)
     return out_dir
 
 
@@ -180,15 +204,22 @@ def main(argv=None) -> int:
                          "context (mask 0), the continuation the targets")
     ap.add_argument("--system", default=None,
                     help="with --chat: a system message first (default: none)")
+    ap.add_argument("--dtype", type=parse_dtype, default=None,
+                    help="the teacher's compute dtype: fp32, bf16 or fp16 (float32, bfloat16, "
+                         "float16 accepted); default bf16 on GPU/TPU, fp32 on CPU")
+    add_parallel_arguments(ap)
     a = ap.parse_args(argv)
+    check_parallel_arguments(ap, a)
     if a.system is not None and not a.chat:
         ap.error("argument --system: only with --chat")
     for flag in ("max_new_tokens", "limit", "chunk_size", "batch_size", "max_prompt_tokens"):
         if getattr(a, flag) is not None and getattr(a, flag) < 1:
             ap.error(f"argument --{flag.replace('_', '-')}: must be >= 1")
+    shd.maybe_initialize_distributed(a.distributed)
     return run_cli(lambda: make_data(a.model, a.prompts, a.out, a.max_new_tokens, a.limit,
                                      a.chunk_size, a.batch_size, a.max_prompt_tokens, a.chat,
-                                     a.system))
+                                     a.system, a.dtype, a.tensor_parallel_size,
+                                     a.data_parallel_size, a.distributed))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,8 @@ from tqdm import tqdm
 from orthrus_jax.cli import ArgumentParser, run_cli
 from orthrus_jax.config import ConfigError
 from orthrus_jax import sharding as shd
-from orthrus_jax.checkpoint import load_any_model, write_model_dir
-from orthrus_jax.params import merge_params, param_summary, split_params
+from orthrus_jax.checkpoint import load_any_model, write_model_dir_streaming
+from orthrus_jax.params import iter_leaves, merge_params, param_summary, split_params
 from train.config import TrainConfig, add_set_argument, export_minutes, load_config
 from train.data import PackedRows, DocSource, make_dataset
 from train.step import LossOptions, cosine_lr, make_optimizer, make_train_step
@@ -168,15 +168,15 @@ def export(tr: Trainer, out_dir: str, dtype: str | None = None) -> str:
     Every process must call it: with several processes the globally sharded arrays are gathered
     (one leaf at a time) by all of them, and process 0 writes."""
     dt = jnp.dtype(dtype or tr.cfg.export_dtype)
-    tree = merge_params(tr.backbone, tr.trainable)
-    if jax.process_count() == 1:
-        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dt), jax.device_get(tree))
-    else:   # host numpy arrays: Orbax refuses process-local jax.Arrays in a multi-process run
-        from jax.experimental import multihost_utils
-        params = jax.tree_util.tree_map(
-            lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)).astype(dt), tree)
+    # One leaf at a time into host memory (never onto one device), cast there; Orbax writes host
+    # numpy arrays (it refuses process-local jax.Arrays in a multi-process run).
+    leaves = ((name, shd.to_host(x).astype(dt))
+              for name, x in iter_leaves(merge_params(tr.backbone, tr.trainable)))
     if jax.process_index() == 0:
-        write_model_dir(out_dir, tr.model_cfg, params, tr.cfg.model_dir, overwrite=True)
+        write_model_dir_streaming(out_dir, tr.model_cfg, leaves, tr.cfg.model_dir, overwrite=True)
+    else:
+        for _ in leaves:   # the gathers are collective: every process takes part in each
+            pass
     return out_dir
 
 
