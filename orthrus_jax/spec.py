@@ -64,6 +64,39 @@ def process_logits(logits: Array, temperature: Array | float, top_p: Array | flo
     return jax.nn.log_softmax(x, axis=-1)
 
 
+def process_logits_rows(logits: Array, temperature: Array, top_p: Array, top_k: Array, *,
+                        top_k_cap: int) -> Array:
+    """process_logits with per-row settings: logits [B, ..., V], temperature/top_p/top_k [B].
+
+    The same distribution as process_logits row by row (temperature, then top-k, then top-p; ties
+    at a threshold kept), with every setting traced, so rows of one batch may differ without
+    recompiling. top_k in 0..top_k_cap (0 = off; the static cap bounds the one lax.top_k call);
+    temperature <= 0 is read as 1 (the caller picks greedy rows by argmax). top_p >= 1 = off; a
+    row whose top_p needs more than the candidates' mass takes the full-sort fallback.
+    """
+    lead = (logits.shape[0],) + (1,) * (logits.ndim - 1)
+    t = jnp.where(temperature > 0, temperature, 1.0).astype(jnp.float32).reshape(lead)
+    x = logits.astype(jnp.float32) / t
+    v = x.shape[-1]
+    cap = min(v, max(int(top_k_cap), TOP_P_CANDIDATES))
+    best = jax.lax.top_k(x, cap)[0]
+    kk = jnp.clip(top_k, 0, cap).reshape(lead)
+    # the k-th best logit as a masked min (XLA:CPU keeps its fast top-k only for 0-based slices)
+    kth = jnp.min(jnp.where(jnp.arange(cap) < kk, best, jnp.inf), axis=-1, keepdims=True)
+    kth = jnp.where((kk > 0) & (kk < v), kth, -jnp.inf)
+    x = jnp.where(x < kth, -jnp.inf, x)
+    best = jnp.where(best < kth, -jnp.inf, best)
+    p = jnp.asarray(top_p, jnp.float32).reshape(lead)
+    use_p = p < 1.0
+    lse = jax.nn.logsumexp(x, axis=-1, keepdims=True)
+    enough = jnp.sum(jnp.exp(best - lse), axis=-1, keepdims=True) >= p
+    thresh = jax.lax.cond(jnp.all(enough | ~use_p),
+                          lambda: _top_p_threshold(x, best, p),
+                          lambda: _top_p_threshold(x, -jnp.sort(-x, axis=-1), p))
+    x = jnp.where(use_p & (x < thresh), -jnp.inf, x)
+    return jax.nn.log_softmax(x, axis=-1)
+
+
 def sample_tokens(key: Array, logprobs: Array) -> Array:
     """One token per leading index from normalised log-probabilities [..., V]."""
     return jax.random.categorical(key, logprobs, axis=-1).astype(jnp.int32)

@@ -1,0 +1,559 @@
+"""Continuous batching over S slots of one static KV cache (JetStream style: insert, then generate).
+
+    eng = Engine(params, cfg, slots=8, max_len=1024, mode="orthrus")
+    req = eng.submit(Request([ids...], max_new_tokens=64, temperature=0.7, top_p=0.8, top_k=20,
+                             seed=1, on_tokens=callback))
+    while eng.has_work():
+        eng.run_once()
+
+Device side (pure functions, jitted once per EngineSpec):
+
+- `insert_chunk`: prefills up to `chunk` prompt tokens of one request into its slot's rows of the
+  cache (an AR pass over the slot's cache row at an explicit start); the last chunk samples the
+  first token and makes the slot active. A long prompt enters chunk by chunk between decode
+  steps, so running streams keep flowing while it is prefilled.
+- `generate`: up to `steps` cycles (orthrus: draft + verify; ar: one token) of every active slot
+  in one `lax.while_loop`, stopping early as soon as a slot finishes, so its slot is refilled at
+  once. Returns every slot's new tokens.
+
+Per-request temperature, top-p, top-k and seed are per-slot traced values: one compiled program
+serves mixed settings (greedy rows by argmax, sampled rows through spec.process_logits_rows with
+top-k up to a static cap; the sampling work is skipped when no active row samples). A cycle's
+PRNG key is fold_in(request key, position of the last committed token): the same seed gives the
+same tokens in whichever slot the request lands. An inactive slot is "parked" with
+length = max_len, so the batched passes' writes for it fall outside the cache and are dropped.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from infer.decoder import (MODES, TRACE_COUNTS, GenerationError, GenerationResult, _row_stats,
+                           length_bucket)
+from orthrus_jax import spec as S
+from orthrus_jax.cache import KVCache, init_cache
+from orthrus_jax.config import Qwen3Config
+from orthrus_jax.model import ar_forward, draft_block, lm_logits
+
+Array = jax.Array
+TOP_K_CAP = 256  # largest top_k served (one lax.top_k of this width per sampled pass)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """Static engine settings (hashable): everything that fixes shapes or code paths."""
+
+    cfg: Qwen3Config
+    mode: str = "orthrus"
+    block_size: int = 32
+    slots: int = 8
+    max_len: int = 1024
+    steps: int = 8  # cycles per generate call, at most
+    chunk: int = 256  # prefill chunk, at most (a length bucket)
+    top_k_cap: int = TOP_K_CAP
+    eos_ids: tuple[int, ...] = ()
+
+    @property
+    def k(self) -> int:
+        """Tokens per pass: K (orthrus) or 1 (ar)."""
+        return self.block_size if self.mode == "orthrus" else 1
+
+
+@flax.struct.dataclass
+class SlotState:
+    cache: KVCache     # length[s] = committed positions; max_len for an inactive (parked) slot
+    anchor: Array      # int32[S]: last emitted token, not yet in the cache
+    active: Array      # bool[S]: decoding
+    n_out: Array       # int32[S]: tokens emitted for the slot's request
+    max_new: Array     # int32[S]
+    temperature: Array  # float32[S]: 0 = greedy
+    top_p: Array       # float32[S]: 1 = off
+    top_k: Array       # int32[S]: 0 = off
+    key: Array         # uint32[S, 2]: the request's key (from its seed)
+    cycles: Array      # int32[S]: cycles while active
+    acc_hist: Array    # int32[S, K]: cycles by accepted-and-emitted drafts
+    pos_acc: Array     # int32[S, max(K-1, 1)]: cycles where draft i was accepted and emitted
+
+
+@flax.struct.dataclass
+class StepOut:
+    tokens: Array      # int32[S, steps * K]: new tokens, n_new[s] of them per slot
+    n_new: Array       # int32[S]
+    finished: Array    # bool[S]: finished in this call (EOS or max_new_tokens)
+    steps: Array       # int32[]: cycles run
+
+
+def init_state_fn(spec: EngineSpec, dtype: Any) -> SlotState:
+    s, k = spec.slots, spec.block_size
+    cache = init_cache(spec.cfg, s, spec.max_len, dtype)
+    zi = jnp.zeros((s,), jnp.int32)
+    return SlotState(
+        cache=cache.replace(length=jnp.full((s,), spec.max_len, jnp.int32)), anchor=zi,
+        active=jnp.zeros((s,), bool), n_out=zi, max_new=zi, temperature=jnp.zeros((s,)),
+        top_p=jnp.ones((s,)), top_k=zi, key=jnp.zeros((s, 2), jnp.uint32), cycles=zi,
+        acc_hist=jnp.zeros((s, k), jnp.int32), pos_acc=jnp.zeros((s, max(k - 1, 1)), jnp.int32))
+
+
+def _processed(spec: EngineSpec, state: SlotState, logits: Array) -> Array:
+    return S.process_logits_rows(logits, state.temperature, state.top_p, state.top_k,
+                                 top_k_cap=spec.top_k_cap)
+
+
+def _sample_rows(keys: Array, logprobs: Array) -> Array:
+    return jax.vmap(S.sample_tokens)(keys, logprobs)
+
+
+def _pick(spec: EngineSpec, state: SlotState, keys: Array, logits: Array, any_sampled: Array
+          ) -> Array:
+    """One token per row from logits [S, V]: argmax for greedy rows, else sampled."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    sampled = jax.lax.cond(any_sampled,
+                           lambda: _sample_rows(keys, _processed(spec, state, logits)),
+                           lambda: greedy)
+    return jnp.where(state.temperature > 0, sampled, greedy)
+
+
+def _eos(spec: EngineSpec, tokens: Array) -> Array:
+    hit = jnp.zeros(tokens.shape, bool)
+    for e in spec.eos_ids:
+        hit = hit | (tokens == e)
+    return hit
+
+
+def insert_chunk_fn(params: Any, spec: EngineSpec, state: SlotState, tokens: Array, slot: Array,
+                    start: Array, n_valid: Array, final: Array, req: dict[str, Array]
+                    ) -> tuple[SlotState, Array, Array]:
+    """Prefill tokens [1, C] (n_valid real) at positions start.. of `slot`'s cache row.
+
+    On the final chunk, sample the first token with the request's settings (req: max_new,
+    temperature, top_p, top_k, key) and activate the slot (unless that token already ends it).
+    Returns (state, first token, done at the first token).
+    """
+    TRACE_COUNTS["insert"] += 1
+    c = state.cache
+    row = KVCache(k=jax.lax.dynamic_slice_in_dim(c.k, slot, 1, axis=1),
+                  v=jax.lax.dynamic_slice_in_dim(c.v, slot, 1, axis=1),
+                  length=start.reshape(1).astype(jnp.int32))
+    hidden, row = ar_forward(params, spec.cfg, tokens, row)
+    cache = c.replace(k=jax.lax.dynamic_update_slice_in_dim(c.k, row.k, slot, axis=1),
+                      v=jax.lax.dynamic_update_slice_in_dim(c.v, row.v, slot, axis=1))
+    last = jax.lax.dynamic_index_in_dim(hidden[0], n_valid - 1, axis=0, keepdims=True)
+    one = state.replace(temperature=req["temperature"][None], top_p=req["top_p"][None],
+                        top_k=req["top_k"][None])
+    prompt_len = (start + n_valid).astype(jnp.int32)
+    key = jax.random.fold_in(req["key"], prompt_len - 1)[None]
+    first = _pick(spec, one, key, lm_logits(params, last), req["temperature"] > 0)[0]
+    done = _eos(spec, first) | (req["max_new"] <= 1)
+
+    def put(arr: Array, value: Any) -> Array:
+        return arr.at[slot].set(jnp.where(final, jnp.asarray(value, arr.dtype), arr[slot]))
+
+    state = state.replace(
+        cache=cache.replace(length=put(c.length, jnp.where(done, spec.max_len, prompt_len))),
+        anchor=put(state.anchor, first), active=put(state.active, ~done),
+        n_out=put(state.n_out, 1), max_new=put(state.max_new, req["max_new"]),
+        temperature=put(state.temperature, req["temperature"]),
+        top_p=put(state.top_p, req["top_p"]), top_k=put(state.top_k, req["top_k"]),
+        key=put(state.key, req["key"]), cycles=put(state.cycles, 0),
+        acc_hist=put(state.acc_hist, 0), pos_acc=put(state.pos_acc, 0))
+    return state, first, done
+
+
+def cycle_fn(params: Any, spec: EngineSpec, state: SlotState
+             ) -> tuple[SlotState, Array, Array, Array]:
+    """One cycle of every active slot. Returns (state, block [S, K], n_emit [S], finished [S])."""
+    cfg, cache = spec.cfg, state.cache
+    keys = jax.vmap(jax.random.fold_in)(state.key, cache.length)
+    sub = jax.vmap(lambda k: jax.random.split(k, 2))(keys)
+    k_draft, k_verify = sub[:, 0], sub[:, 1]
+    sampled = state.temperature > 0
+    any_sampled = jnp.any(sampled & state.active)
+    if spec.mode == "orthrus":
+        k = spec.block_size
+        q_logits = lm_logits(params, draft_block(params, cfg, state.anchor, cache, k)[:, : k - 1])
+        greedy_d = jnp.argmax(q_logits, axis=-1).astype(jnp.int32)
+
+        def sample_drafts():
+            q_lp = _processed(spec, state, q_logits)
+            return _sample_rows(k_draft, q_lp), q_lp
+
+        drafts_s, q_lp = jax.lax.cond(any_sampled, sample_drafts,
+                                      lambda: (greedy_d, jnp.zeros(q_logits.shape, jnp.float32)))
+        drafts = jnp.where(sampled[:, None], drafts_s, greedy_d)
+        block_in = jnp.concatenate([state.anchor[:, None], drafts], axis=1)
+        hidden, cache = ar_forward(params, cfg, block_in, cache)
+        p_logits = lm_logits(params, hidden)
+        n_g, nxt_g = S.greedy_verify(drafts, p_logits)
+
+        def reject():
+            one = jax.vmap(lambda kk, d, p, q: S.rejection_verify(kk, d[None], p[None], q[None]))
+            n, nxt = one(k_verify, drafts, _processed(spec, state, p_logits), q_lp)
+            return n[:, 0], nxt[:, 0]
+
+        n_s, nxt_s = jax.lax.cond(any_sampled, reject, lambda: (n_g, nxt_g))
+        n_acc = jnp.where(sampled, n_s, n_g)
+        nxt = jnp.where(sampled, nxt_s, nxt_g)
+    else:
+        hidden, cache = ar_forward(params, cfg, state.anchor[:, None], cache)
+        nxt = _pick(spec, state, k_verify, lm_logits(params, hidden[:, 0]), any_sampled)
+        drafts = jnp.zeros((state.anchor.shape[0], 0), jnp.int32)
+        n_acc = jnp.zeros_like(nxt)
+    block, n_emit, finished = S.commit_block(drafts, n_acc, nxt, state.n_out, state.max_new,
+                                             spec.eos_ids)
+    active = state.active
+    n_emit = jnp.where(active, n_emit, 0)
+    finished = active & finished
+    new_anchor = jnp.take_along_axis(block, jnp.maximum(n_emit - 1, 0)[:, None], axis=1)[:, 0]
+    length = jnp.where(active, cache.length + n_acc + 1, cache.length)
+    length = jnp.where(finished, spec.max_len, length)  # park: later writes are dropped
+    n_kept = jnp.minimum(n_acc, n_emit)
+    kk = state.acc_hist.shape[1]
+    hist = state.acc_hist + (active[:, None] & (jnp.arange(kk)[None, :] == n_kept[:, None]))
+    pos = state.pos_acc + (active[:, None]
+                           & (jnp.arange(state.pos_acc.shape[1])[None, :] < n_kept[:, None]))
+    state = state.replace(
+        cache=cache.replace(length=length.astype(jnp.int32)),
+        anchor=jnp.where(active, new_anchor, state.anchor), active=active & ~finished,
+        n_out=state.n_out + n_emit, cycles=state.cycles + active.astype(jnp.int32),
+        acc_hist=hist.astype(jnp.int32), pos_acc=pos.astype(jnp.int32))
+    return state, block, n_emit, finished
+
+
+def generate_fn(params: Any, spec: EngineSpec, state: SlotState) -> tuple[SlotState, StepOut]:
+    """Up to spec.steps cycles in one while_loop; stops early once any slot finishes."""
+    TRACE_COUNTS["generate"] += 1
+    s, width = spec.slots, spec.steps * spec.k
+    out = StepOut(tokens=jnp.zeros((s, width), jnp.int32), n_new=jnp.zeros((s,), jnp.int32),
+                  finished=jnp.zeros((s,), bool), steps=jnp.int32(0))
+
+    def cond(carry):
+        st, o = carry
+        return (o.steps < spec.steps) & jnp.any(st.active) & ~jnp.any(o.finished)
+
+    def body(carry):
+        st, o = carry
+        st, block, n_emit, finished = cycle_fn(params, spec, st)
+        toks = jax.vmap(lambda b, x, p: jax.lax.dynamic_update_slice(b, x, (p,)))(
+            o.tokens, block[:, : spec.k], o.n_new)
+        return st, StepOut(tokens=toks, n_new=o.n_new + n_emit, finished=o.finished | finished,
+                           steps=o.steps + 1)
+
+    return jax.lax.while_loop(cond, body, (state, out))
+
+
+def release_fn(spec: EngineSpec, state: SlotState, mask: Array) -> SlotState:
+    """Deactivate and park the slots in mask (cancelled requests)."""
+    c = state.cache
+    return state.replace(active=state.active & ~mask,
+                         cache=c.replace(length=jnp.where(mask, spec.max_len, c.length)))
+
+
+init_state_jit = jax.jit(init_state_fn, static_argnums=(0, 1))
+insert_jit = jax.jit(insert_chunk_fn, static_argnums=(1,), donate_argnums=(2,))
+generate_jit = jax.jit(generate_fn, static_argnums=(1,), donate_argnums=(2,))
+release_jit = jax.jit(release_fn, static_argnums=(0,), donate_argnums=(1,))
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+
+
+def chunk_width(n: int) -> int:
+    """Padded width of a prefill chunk of n tokens: a power of two, at least 32 (few compiles)."""
+    w = 32
+    while w < n:
+        w *= 2
+    return w
+
+
+def seed_key(seed: int) -> np.ndarray:
+    """The threefry key jax.random.PRNGKey(seed) gives, for any 64-bit seed (taken mod 2**64)."""
+    seed %= 1 << 64
+    return np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+
+
+_ids = itertools.count()
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One generation request and its progress. on_tokens(request, new_ids) and
+    on_finish(request) are called from the engine's thread."""
+
+    prompt: list[int]
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    on_tokens: Callable[["Request", list[int]], None] | None = None
+    on_finish: Callable[["Request"], None] | None = None
+    id: int = dataclasses.field(default_factory=lambda: next(_ids))
+    tokens: list[int] = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None  # "stop" (EOS), "length", "cancelled"
+    slot: int | None = None
+    prefilled: int = 0
+    cancel_requested: bool = False
+    cancel_step: int | None = None  # the engine's step count when cancel() was called
+    t_submit: float = 0.0
+    t_first: float | None = None
+    t_end: float | None = None
+    cycles: int = 0
+    acc_hist: np.ndarray | None = None
+    pos_acc: np.ndarray | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    """Host driver: admission, chunked insert, generate calls, delivery, freeing.
+
+    Thread use: submit() and cancel() may be called from any thread; run_once() from one.
+    """
+
+    def __init__(self, params: Any, cfg: Qwen3Config, *, slots: int = 8, max_len: int = 1024,
+                 mode: str = "orthrus", block_size: int | None = None, steps: int | None = None,
+                 chunk: int = 256, top_k_cap: int = TOP_K_CAP,
+                 eos_token_ids: Sequence[int] | None = None):
+        if mode not in MODES:
+            raise GenerationError(f"mode must be one of {MODES}, got {mode!r}")
+        k = int(cfg.block_size if block_size is None else block_size)
+        if k < 2:
+            raise GenerationError(f"block_size must be >= 2, got {k}")
+        if slots < 1:
+            raise GenerationError(f"slots must be >= 1, got {slots}")
+        if not 2 <= max_len <= cfg.max_position_embeddings:
+            raise GenerationError(f"max_len must be in 2..{cfg.max_position_embeddings} (the "
+                                  f"model's max_position_embeddings), got {max_len}")
+        if chunk != chunk_width(chunk):
+            raise GenerationError(f"chunk must be a power of two >= 32, got {chunk}")
+        eos = tuple(int(e) for e in (cfg.eos_token_ids if eos_token_ids is None
+                                     else eos_token_ids))
+        steps = steps or (8 if mode == "orthrus" else 16)
+        self.spec = EngineSpec(cfg=cfg, mode=mode, block_size=k, slots=slots, max_len=max_len,
+                               steps=steps, chunk=chunk, top_k_cap=top_k_cap, eos_ids=eos)
+        self.params, self.cfg = params, cfg
+        self.state = init_state_jit(self.spec, params["embed"].dtype)
+        self.slots: list[Request | None] = [None] * slots
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.lock = threading.Lock()
+        self.step_count = 0  # generate calls
+        self.cycle_count = 0
+        self.cancel_steps: list[int] = []  # per cancelled request: steps from cancel to free
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def check(self, req: Request) -> None:
+        """Raise GenerationError (one line) if the request cannot be served."""
+        n, cap = len(req.prompt), self.spec.max_len
+        if n == 0:
+            raise GenerationError("the prompt is empty: at least one token is needed")
+        bad = [t for t in req.prompt if not 0 <= int(t) < self.cfg.vocab_size]
+        if bad:
+            raise GenerationError(f"prompt token id {bad[0]} is outside the vocabulary "
+                                  f"(0..{self.cfg.vocab_size - 1})")
+        if req.max_new_tokens < 1:
+            raise GenerationError(f"max_new_tokens must be >= 1, got {req.max_new_tokens}")
+        if n + req.max_new_tokens > cap:
+            raise GenerationError(
+                f"the prompt has {n} tokens; with max_new_tokens={req.max_new_tokens} it needs "
+                f"{n + req.max_new_tokens} cache positions but the cache holds {cap}")
+        if not req.temperature >= 0:
+            raise GenerationError(f"temperature must be >= 0, got {req.temperature}")
+        if not 0.0 < req.top_p <= 1.0:
+            raise GenerationError(f"top_p must be in (0, 1], got {req.top_p}")
+        if req.top_k < 0 or (self.spec.top_k_cap < req.top_k < self.cfg.vocab_size):
+            raise GenerationError(f"top_k must be in 0..{self.spec.top_k_cap} (0 = off) or at "
+                                  f"least the vocabulary size, got {req.top_k}")
+
+    def submit(self, req: Request) -> Request:
+        self.check(req)
+        req.prompt = [int(t) for t in req.prompt]
+        if req.top_k >= self.cfg.vocab_size:
+            req.top_k = 0
+        if req.seed is None:
+            req.seed = int(np.random.randint(0, 2 ** 31 - 1))
+        req.t_submit = time.perf_counter()
+        with self.lock:
+            self.waiting.append(req)
+        return req
+
+    def cancel(self, req: Request) -> None:
+        """Stop a request: its slot is freed before the engine's next generate call."""
+        if not req.cancel_requested:
+            req.cancel_step = self.step_count
+            req.cancel_requested = True
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(r is not None for r in self.slots)
+
+    @property
+    def busy_slots(self) -> int:
+        return sum(r is not None for r in self.slots)
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self.waiting)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def run_once(self) -> None:
+        """Free cancelled slots, admit waiting requests, prefill up to one chunk's worth of
+        tokens (more while nothing decodes), then one generate call if any slot is active."""
+        self._free_cancelled()
+        self._admit()
+        budget = self.spec.chunk
+        while True:
+            pending = [r for r in self.slots if r is not None and r.prefilled < len(r.prompt)]
+            if not pending:
+                break
+            decoding = any(r is not None and r.prefilled >= len(r.prompt) for r in self.slots)
+            if decoding and budget <= 0:
+                break
+            budget -= self._insert_chunk(min(pending, key=lambda r: r.t_submit))
+        if any(r is not None and r.prefilled >= len(r.prompt) for r in self.slots):
+            self._generate()
+
+    def _free_cancelled(self) -> None:
+        with self.lock:
+            dropped = [r for r in self.waiting if r.cancel_requested]
+            for r in dropped:
+                self.waiting.remove(r)
+        for r in dropped:
+            self._finish(r, "cancelled")
+        mask = np.zeros((self.spec.slots,), bool)
+        for s, r in enumerate(self.slots):
+            if r is not None and r.cancel_requested:
+                mask[s] = r.prefilled >= len(r.prompt)  # a slot still prefilling is parked
+                self.slots[s] = None
+                self.cancel_steps.append(self.step_count - (r.cancel_step or 0))
+                self._finish(r, "cancelled")
+        if mask.any():
+            self.state = release_jit(self.spec, self.state, jnp.asarray(mask))
+
+    def _admit(self) -> None:
+        with self.lock:
+            for s in range(self.spec.slots):
+                if self.slots[s] is None and self.waiting:
+                    r = self.waiting.popleft()
+                    r.slot, r.prefilled = s, 0
+                    self.slots[s] = r
+
+    def _insert_chunk(self, r: Request) -> int:
+        n, start = len(r.prompt), r.prefilled
+        take = min(n - start, self.spec.chunk)
+        width = min(chunk_width(take), self.spec.chunk)
+        tokens = np.zeros((1, width), np.int32)
+        tokens[0, :take] = r.prompt[start: start + take]
+        final = start + take == n
+        req = {"max_new": np.int32(r.max_new_tokens), "temperature": np.float32(r.temperature),
+               "top_p": np.float32(r.top_p), "top_k": np.int32(r.top_k),
+               "key": seed_key(int(r.seed or 0))}
+        self.state, first, done = insert_jit(self.params, self.spec, self.state, tokens,
+                                             np.int32(r.slot), np.int32(start), np.int32(take),
+                                             np.bool_(final), req)
+        r.prefilled = start + take
+        if final:
+            first, done = int(first), bool(done)
+            r.t_first = time.perf_counter()
+            self._deliver(r, [first])
+            if done:
+                self.slots[r.slot] = None
+                self._finish(r, "stop" if first in self.spec.eos_ids else "length")
+        return width
+
+    def _generate(self) -> None:
+        self.state, out = generate_jit(self.params, self.spec, self.state)
+        host = jax.device_get({"tokens": out.tokens, "n_new": out.n_new,
+                               "finished": out.finished, "steps": out.steps})
+        self.step_count += 1
+        self.cycle_count += int(host["steps"])
+        fin = [s for s in range(self.spec.slots) if host["finished"][s]]
+        stats = jax.device_get({"cycles": self.state.cycles, "hist": self.state.acc_hist,
+                                "pos": self.state.pos_acc}) if fin else None
+        for s, r in enumerate(self.slots):
+            if r is None or r.prefilled < len(r.prompt):
+                continue
+            n = int(host["n_new"][s])
+            if n:
+                self._deliver(r, host["tokens"][s, :n].tolist())
+            if host["finished"][s]:
+                r.cycles = int(stats["cycles"][s])
+                r.acc_hist, r.pos_acc = stats["hist"][s].copy(), stats["pos"][s].copy()
+                self.slots[s] = None
+                eos = bool(r.tokens) and r.tokens[-1] in self.spec.eos_ids
+                self._finish(r, "stop" if eos else "length")
+
+    def _deliver(self, r: Request, ids: list[int]) -> None:
+        r.tokens.extend(ids)
+        if r.on_tokens is not None and not r.cancel_requested:
+            r.on_tokens(r, ids)
+
+    def _finish(self, r: Request, reason: str) -> None:
+        r.finish_reason, r.t_end = reason, time.perf_counter()
+        if r.on_finish is not None:
+            r.on_finish(r)
+
+    def result(self, r: Request) -> GenerationResult:
+        """A finished request as infer.decoder's GenerationResult (the same statistics)."""
+        k = self.spec.block_size
+        hist = r.acc_hist if r.acc_hist is not None else np.zeros(k, np.int64)
+        pos = r.pos_acc if r.pos_acc is not None else np.zeros(max(k - 1, 1), np.int64)
+        ttft = (r.t_first - r.t_submit) if r.t_first is not None else 0.0
+        elapsed = (r.t_end or time.perf_counter()) - r.t_submit
+        return GenerationResult(list(r.tokens), _row_stats(
+            self.spec.mode, len(r.tokens), r.cycles, hist, pos, r.finish_reason == "stop",
+            ttft, elapsed, k))
+
+
+def generate_all(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]], *,
+                 mode: str = "orthrus", max_new_tokens: int = 256, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 block_size: int | None = None, slots: int = 8, max_len: int | None = None,
+                 eos_token_ids: Sequence[int] | None = None,
+                 on_tokens: Callable[[int, list[int]], None] | None = None
+                 ) -> list[GenerationResult]:
+    """Generate for a list of prompts through one Engine (continuous batching; results in prompt
+    order). Prompt i samples with seed + i. max_len: the cache (default: the longest prompt plus
+    max_new_tokens, rounded up to a length bucket, within the model's limit)."""
+    prompts = [list(map(int, p)) for p in prompts]
+    if max_new_tokens < 0:
+        raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not prompts:
+        return []
+    if max_new_tokens == 0:
+        k = int(cfg.block_size if block_size is None else block_size)
+        return [GenerationResult([], _row_stats(mode, 0, 0, np.zeros(1), np.zeros(1), False,
+                                                0.0, 0.0, k)) for _ in prompts]
+    need = max(len(p) for p in prompts) + max_new_tokens
+    if max_len is None:
+        max_len = min(length_bucket(need), cfg.max_position_embeddings)
+    eng = Engine(params, cfg, slots=min(slots, len(prompts)), max_len=max_len, mode=mode,
+                 block_size=block_size, eos_token_ids=eos_token_ids)
+    index: dict[int, int] = {}
+    reqs = []
+    for i, p in enumerate(prompts):
+        cb = None
+        if on_tokens is not None:
+            cb = (lambda i: lambda _r, ids: on_tokens(i, ids))(i)
+        try:
+            r = eng.submit(Request(p, max_new_tokens, temperature, top_p, top_k, seed + i,
+                                   on_tokens=cb))
+        except GenerationError as err:
+            raise GenerationError(f"prompt {i}: {err}") from None
+        index[r.id] = i
+        reqs.append(r)
+    while eng.has_work():
+        eng.run_once()
+    return [eng.result(r) for r in reqs]
