@@ -37,8 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infer.decoder import (MODES, TRACE_COUNTS, GenerationError, GenerationResult, _row_stats,
-                           length_bucket)
+from infer.decoder import (MODES, TRACE_COUNTS, GenerationError, GenerationResult, _check_prompts,
+                           _row_stats, length_bucket)
 from orthrus_jax import spec as S
 from orthrus_jax.cache import KVCache, init_cache
 from orthrus_jax.config import Qwen3Config
@@ -333,8 +333,8 @@ class Engine:
             raise GenerationError(f"block_size must be >= 2, got {k}")
         if slots < 1:
             raise GenerationError(f"slots must be >= 1, got {slots}")
-        if not 2 <= max_len <= cfg.max_position_embeddings:
-            raise GenerationError(f"max_len must be in 2..{cfg.max_position_embeddings} (the "
+        if not 1 <= max_len <= cfg.max_position_embeddings:
+            raise GenerationError(f"max_len must be in 1..{cfg.max_position_embeddings} (the "
                                   f"model's max_position_embeddings), got {max_len}")
         if chunk != chunk_width(chunk):
             raise GenerationError(f"chunk must be a power of two >= 32, got {chunk}")
@@ -371,6 +371,8 @@ class Engine:
                 f"{n + req.max_new_tokens} cache positions but the cache holds {cap}")
         if not req.temperature >= 0:
             raise GenerationError(f"temperature must be >= 0, got {req.temperature}")
+        if req.temperature == 0:
+            return  # greedy ignores the sampling filters
         if not 0.0 < req.top_p <= 1.0:
             raise GenerationError(f"top_p must be in (0, 1], got {req.top_p}")
         if req.top_k < 0 or (self.spec.top_k_cap < req.top_k < self.cfg.vocab_size):
@@ -380,8 +382,10 @@ class Engine:
     def submit(self, req: Request) -> Request:
         self.check(req)
         req.prompt = [int(t) for t in req.prompt]
-        if req.top_k >= self.cfg.vocab_size:
+        if req.temperature == 0 or req.top_k >= self.cfg.vocab_size:
             req.top_k = 0
+        if req.temperature == 0:
+            req.top_p = 1.0
         if req.seed is None:
             req.seed = int(np.random.randint(0, 2 ** 31 - 1))
         req.t_submit = time.perf_counter()
@@ -532,12 +536,15 @@ def generate_all(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]]
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not prompts:
         return []
+    if slots < 1:
+        raise GenerationError(f"slots must be >= 1, got {slots}")
+    _check_prompts(cfg, prompts, max_new_tokens, max_len)
     if max_new_tokens == 0:
         k = int(cfg.block_size if block_size is None else block_size)
         return [GenerationResult([], _row_stats(mode, 0, 0, np.zeros(1), np.zeros(1), False,
                                                 0.0, 0.0, k)) for _ in prompts]
-    need = max(len(p) for p in prompts) + max_new_tokens
     if max_len is None:
+        need = max(len(p) for p in prompts) + max_new_tokens
         max_len = min(length_bucket(need), cfg.max_position_embeddings)
     eng = Engine(params, cfg, slots=min(slots, len(prompts)), max_len=max_len, mode=mode,
                  block_size=block_size, eos_token_ids=eos_token_ids)

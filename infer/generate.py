@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.8,
                    help="sampling: nucleus mass, 1 = off (default 0.8, as the reference); applied "
                         "to both views; ignored when greedy")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed for sampling (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="PRNG seed for sampling: prompt i samples with seed + i, whichever slot it "
+                        "runs in (default 0)")
     p.add_argument("--mode", choices=("orthrus", "ar"), default="orthrus",
                    help="orthrus: diffusion draft + AR verify (default); ar: one token per pass")
     p.add_argument("--verify", choices=("chain", "tree"), default="chain",
@@ -68,11 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="K, tokens per draft block (anchor + K-1 drafts); default: the model's "
                         "block_size (32); 4, 8, 16 also work")
     p.add_argument("--batch-size", type=int, default=8,
-                   help="prompts decoded together (rows padded to power-of-two batches, prompts "
-                        "to length buckets); default 8")
+                   help="slots: prompts decoded together on the continuous-batching engine (a "
+                        "finished prompt's slot takes the next prompt at once); default 8")
     p.add_argument("--max-len", type=int, default=None,
-                   help="cache capacity in positions: prompt + max-new-tokens must fit (default: "
-                        "the model's max_position_embeddings)")
+                   help="cache capacity in positions per slot: prompt + max-new-tokens must fit "
+                        "(default: the longest prompt + max-new-tokens, rounded up to a length "
+                        "bucket)")
     p.add_argument("--dtype", type=parse_dtype, default=None,
                    help="compute precision of weights and KV cache: fp32, bf16 or fp16 (float32, "
                         "bfloat16, float16 accepted); default bf16 on GPU/TPU, fp32 on CPU")
@@ -130,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     import jax
     import jax.numpy as jnp
 
-    from infer import decoder, text
+    from infer import decoder, engine, text
     from orthrus_jax import sharding as shd
     from orthrus_jax.checkpoint import load_any_model
     from orthrus_jax.config import load_config
@@ -160,11 +163,16 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
     t0 = time.perf_counter()
-    results = decoder.generate(
-        params, cfg, ids, mode=args.mode, max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-        block_size=args.block_size, batch_size=args.batch_size, max_len=args.max_len,
-        verify=args.verify, tree_budget=args.tree_budget, on_tokens=on_tokens, mesh=mesh)
+    kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+              top_k=args.top_k, top_p=args.top_p, seed=args.seed, block_size=args.block_size,
+              max_len=args.max_len, on_tokens=on_tokens)
+    if args.verify == "tree" or mesh is not None:
+        # tree verification and device meshes run in the batch decoder (not the engine yet)
+        results = decoder.generate(params, cfg, ids, batch_size=args.batch_size,
+                                   verify=args.verify, tree_budget=args.tree_budget, mesh=mesh,
+                                   **kw)
+    else:
+        results = engine.generate_all(params, cfg, ids, slots=args.batch_size, **kw)
     total = time.perf_counter() - t0
     if not lead:
         return 0

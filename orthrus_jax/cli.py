@@ -6,6 +6,7 @@ import argparse
 import sys
 from typing import Callable, NoReturn
 
+from orthrus_jax import compilation_cache
 from orthrus_jax.config import ConfigError
 from orthrus_jax.hf import ConversionError
 
@@ -14,7 +15,23 @@ USER_ERRORS = (ConversionError, ConfigError, FileExistsError, FileNotFoundError,
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse.ArgumentParser whose usage errors print one line, `PROG: error: MESSAGE` (the
-    message names the flag), and exit with code 2; --help is unchanged."""
+    message names the flag), and exit with code 2; --help is unchanged.
+
+    Every such command line also takes --compilation-cache-dir, and parsing its arguments turns
+    on JAX's persistent compilation cache there (orthrus_jax.compilation_cache: on by default)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.add_argument(
+            "--compilation-cache-dir", default=None, metavar="DIR",
+            help="JAX persistent compilation cache: a second run loads what the first compiled "
+                 f"(default: ${compilation_cache.ENV}, else "
+                 "$XDG_CACHE_HOME/orthrus-jax/jax-cache; 'none' turns it off)")
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, rest = super().parse_known_args(args, namespace)
+        compilation_cache.enable(getattr(ns, "compilation_cache_dir", None))
+        return ns, rest
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")

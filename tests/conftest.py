@@ -3,6 +3,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ORTHRUS_JAX_COMPILATION_CACHE_DIR", "none")  # hermetic: no cache in ~/.cache
 
 import pathlib  # noqa: E402
 

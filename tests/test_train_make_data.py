@@ -26,7 +26,7 @@ def fake_generate(monkeypatch):
     """Continuation of prompt p: 3 tokens from sum(p); records the prompts of every call."""
     calls = []
 
-    def generate(params, cfg, prompts, max_new, mesh=None):
+    def generate(params, cfg, prompts, max_new, **kw):
         calls.append([list(p) for p in prompts])
         return [[(sum(p) + i) % 100 + 2 for i in range(3)] for p in prompts]
     monkeypatch.setattr(md, "greedy_generate", generate)

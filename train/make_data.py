@@ -32,7 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from infer.decoder import generate
+from infer.decoder import generate, length_bucket
+from infer.engine import generate_all
 from infer.text import chat_prompt, encode, load_tokenizer
 from orthrus_jax import sharding as shd
 from orthrus_jax.checkpoint import load_any_model
@@ -44,10 +45,16 @@ from orthrus_jax.config import ConfigError, Qwen3Config, load_config
 
 
 def greedy_generate(params, cfg: Qwen3Config, prompts: list[list[int]], max_new: int,
-                    mesh=None) -> list[list[int]]:
-    """Greedy continuations (cut after the first EOS, which is kept) for token-id prompts."""
-    results = generate(params, cfg, prompts, mode="ar", max_new_tokens=max_new,
-                       batch_size=len(prompts), mesh=mesh)
+                    mesh=None, slots: int = 128, max_len: int | None = None) -> list[list[int]]:
+    """Greedy continuations (cut after the first EOS, which is kept) for token-id prompts: on the
+    continuous-batching engine (a finished row's slot takes the next prompt at once), or with a
+    device mesh in the batch decoder, in batches of `slots` rows."""
+    if mesh is not None:
+        results = generate(params, cfg, prompts, mode="ar", max_new_tokens=max_new,
+                           batch_size=slots, max_len=max_len, mesh=mesh)
+    else:
+        results = generate_all(params, cfg, prompts, mode="ar", max_new_tokens=max_new,
+                               slots=slots, max_len=max_len)
     return [_cut_eos(list(map(int, r.token_ids)), cfg) for r in results]
 
 
@@ -139,18 +146,16 @@ def make_data(model_dir: str, prompts_path: str, out_dir: str, max_new_tokens: i
             json.dump(meta, f, indent=2)
     cfg, params = (load_any_model(model_dir, jnp.dtype(dtype or default_compute_dtype()), mesh,
                                   inference=True) if todo else (None, None))
+    # one cache size for every chunk: one compiled engine
+    max_len = (min(length_bucket(max_prompt_tokens + max_new_tokens), cfg.max_position_embeddings)
+               if todo else None)
     t0, new_tokens = time.time(), 0
     bar = tqdm(todo, desc="make_data", unit="chunk")
     for c in bar:
         ids = ids_of(texts[c * chunk_size:(c + 1) * chunk_size])
         ids = [p if p else [cfg.eos_token_ids[0] if cfg.eos_token_ids else 0] for p in ids]
-        order = np.argsort([len(p) for p in ids])  # similar lengths per batch, less padding
-        conts: list[list[int]] = [[] for _ in ids]
-        for s in range(0, len(ids), batch_size):
-            sel = order[s:s + batch_size]
-            for j, cont in zip(sel, greedy_generate(params, cfg, [ids[j] for j in sel],
-                                                    max_new_tokens, mesh)):
-                conts[j] = cont
+        conts = greedy_generate(params, cfg, ids, max_new_tokens, mesh=mesh, slots=batch_size,
+                                max_len=max_len)
         if not writer:
             continue
         toks = np.concatenate([np.asarray(p + q, np.int32) for p, q in zip(ids, conts)])
