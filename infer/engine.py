@@ -299,7 +299,7 @@ class Request:
     on_finish: Callable[["Request"], None] | None = None
     id: int = dataclasses.field(default_factory=lambda: next(_ids))
     tokens: list[int] = dataclasses.field(default_factory=list)
-    finish_reason: str | None = None  # "stop" (EOS), "length", "cancelled"
+    finish_reason: str | None = None  # "stop" (EOS), "length", "cancelled", "error"
     slot: int | None = None
     prefilled: int = 0
     cancel_requested: bool = False
@@ -409,6 +409,33 @@ class Engine:
     @property
     def queue_depth(self) -> int:
         return len(self.waiting)
+
+    def warmup(self) -> None:
+        """Compile (or load from the persistent cache) every program the engine runs: insert at
+        each chunk width, generate, release. Leaves the engine empty."""
+        w, widths = 32, []
+        while w <= self.spec.chunk:
+            widths.append(w)
+            w *= 2
+        for w in widths:
+            n = min(w, self.spec.max_len - 1)
+            self.submit(Request([0] * n, 1))
+        self.submit(Request([0], min(2, self.spec.max_len - 1)))
+        while self.has_work():
+            self.run_once()
+        self.state = release_jit(self.spec, self.state, jnp.zeros((self.spec.slots,), bool))
+        self.step_count = self.cycle_count = 0
+
+    def fail_all(self) -> None:
+        """After an engine error: every request in flight or waiting ends with "error", and the
+        device state starts afresh."""
+        with self.lock:
+            reqs = list(self.waiting) + [r for r in self.slots if r is not None]
+            self.waiting.clear()
+        self.slots = [None] * self.spec.slots
+        self.state = init_state_jit(self.spec, self.params["embed"].dtype)
+        for r in reqs:
+            self._finish(r, "error")
 
     # -- the loop ------------------------------------------------------------------------------
 
