@@ -502,7 +502,7 @@ class Engine:
             if done:
                 self.slots[r.slot] = None
                 self._finish(r, "stop" if first in self.spec.eos_ids else "length")
-        return width
+        return take
 
     def _generate(self) -> None:
         self.state, out = generate_jit(self.params, self.spec, self.state)
