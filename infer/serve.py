@@ -15,6 +15,7 @@ import asyncio
 import json
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -484,8 +485,14 @@ def serve(args: argparse.Namespace) -> int:
     print(f"[serve] {name} ({args.mode}, {args.slots} slots x {args.max_len} positions, top_k "
           f"<= {engine.spec.top_k_cap}) on http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
+    # uvicorn turns SIGTERM/SIGINT into a graceful shutdown (stop accepting, let requests in
+    # flight finish within --graceful-timeout, then the engine cancels the rest), and re-raises
+    # the signal to the handler found at start: a no-op one, so the process exits 0
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level,
                 timeout_graceful_shutdown=args.graceful_timeout)
+    print("[serve] stopped", file=sys.stderr, flush=True)
     return 0
 
 
