@@ -545,7 +545,7 @@ class Engine:
         elapsed = (r.t_end or time.perf_counter()) - r.t_submit
         return GenerationResult(list(r.tokens), _row_stats(
             self.spec.mode, len(r.tokens), r.cycles, hist, pos, r.finish_reason == "stop",
-            ttft, elapsed, k))
+            ttft, elapsed, k, nodes=(k - 1) * r.cycles))  # chain verification: K-1 a cycle
 
 
 def generate_all(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]], *,
