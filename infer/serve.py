@@ -23,10 +23,9 @@ from typing import Any, AsyncIterator, Sequence
 
 from starlette.requests import Request  # FastAPI resolves handler annotations at module level
 
-from orthrus_jax.cli import ArgumentParser
+from orthrus_jax.cli import ArgumentParser, default_compute_dtype, parse_dtype
 from orthrus_jax.paths import DEMO_MODEL_DIR, default_path
 
-DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 GIB = 1024 ** 3
 
 
@@ -46,8 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="orthrus: diffusion draft + AR verify (default); ar: one token per pass")
     p.add_argument("--block-size", type=int, default=None,
                    help="K, tokens per draft block; default: the model's block_size")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
-                   help="weights and KV cache precision (default fp32)")
+    p.add_argument("--dtype", type=parse_dtype, default=None,
+                   help="weights and KV cache precision: fp32, bf16 or fp16 (default bf16 on "
+                        "GPU/TPU, fp32 on CPU)")
     p.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on /v1/* (401 otherwise); default "
                         "$ORTHRUS_API_KEY, else no key")
@@ -461,7 +461,7 @@ def serve(args: argparse.Namespace) -> int:
     if args.max_len > cfg.max_position_embeddings:
         raise ConfigError(f"--max-len {args.max_len} exceeds the model's "
                           f"max_position_embeddings {cfg.max_position_embeddings}")
-    dtype = getattr(jnp, DTYPES[args.dtype])
+    dtype = jnp.dtype(args.dtype or default_compute_dtype())
     k = int(args.block_size or cfg.block_size) if args.mode == "orthrus" else 1
     check_fits(cfg, args.slots, args.max_len, jnp.dtype(dtype).itemsize, k, jax.devices()[0])
     tok = text.load_tokenizer(model_dir)

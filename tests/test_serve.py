@@ -340,3 +340,14 @@ def test_sigterm_finishes_in_flight_and_exits_0(second):
     assert finish[-1] in ("stop", "length")
     assert srv.proc.wait(timeout=60) == 0
     assert np.all([f is None for f in finish[:-1]])
+
+
+def test_refuses_when_the_cache_does_not_fit(micro_model_dir):
+    """slots x max-len beyond free memory: one line naming both flags, exit 2, before loading."""
+    proc = subprocess.run([sys.executable, "-m", "infer.serve", "--model", str(micro_model_dir),
+                           "--slots", "1000000", "--max-len", "4096"], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --slots 1000000 x --max-len 4096 "
+                                                   "does not fit: KV cache")
