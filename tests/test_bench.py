@@ -263,3 +263,20 @@ def test_train_sweep_collect_only(tmp_path, capsys):
         train_sweep.main(["--collect-only", "--only", "nope", "--work-dir", str(tmp_path)])
     assert capsys.readouterr().err.strip().endswith("--only: unknown run 'nope'; choose from "
                                                     f"{list(train_sweep.RUNS)}")
+
+
+def test_bench_serve_summary_and_bad_flags(tmp_path, capsys):
+    """bench.serve's per-configuration figures from request timings (ITL = per request, time per
+    further token), and a bad --concurrency is one line, exit 2 (no server started)."""
+    from bench import serve
+
+    res = [{"ttft": 0.1, "chunk_times": [1.0, 1.5, 2.0], "tokens": 5, "text": "", "latency": 2},
+           {"ttft": 0.3, "chunk_times": [1.0], "tokens": 1, "text": "", "latency": 1}]
+    s = serve._summary(res, 2.0, tok=None)
+    assert s["output_tokens"] == 6 and s["output_tok_s"] == 3.0 and s["req_s"] == 1.0
+    assert s["itl_p50_s"] == pytest.approx(0.25) and s["ttft_p50_s"] == pytest.approx(0.2)
+    with pytest.raises(SystemExit) as err:
+        serve.main(["--concurrency", "1,x", "--out-dir", str(tmp_path)])
+    assert err.value.code == 2
+    assert "--concurrency '1,x'" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
