@@ -14,7 +14,8 @@ Device side (pure functions, jitted once per EngineSpec):
   steps, so running streams keep flowing while it is prefilled.
 - `generate`: up to `steps` cycles (orthrus: draft + verify; ar: one token) of every active slot
   in one `lax.while_loop`, stopping early as soon as a slot finishes, so its slot is refilled at
-  once. Returns every slot's new tokens.
+  once (a quarter of them while prompts wait for prefill: the limit is traced). Returns every
+  slot's new tokens.
 
 Per-request temperature, top-p, top-k and seed are per-slot traced values: one compiled program
 serves mixed settings (greedy rows by argmax, sampled rows through spec.process_logits_rows with
@@ -228,8 +229,10 @@ def cycle_fn(params: Any, spec: EngineSpec, state: SlotState
     return state, block, n_emit, finished
 
 
-def generate_fn(params: Any, spec: EngineSpec, state: SlotState) -> tuple[SlotState, StepOut]:
-    """Up to spec.steps cycles in one while_loop; stops early once any slot finishes."""
+def generate_fn(params: Any, spec: EngineSpec, state: SlotState, limit: Array
+                ) -> tuple[SlotState, StepOut]:
+    """Up to `limit` (traced, <= spec.steps) cycles in one while_loop; stops early once any slot
+    finishes."""
     TRACE_COUNTS["generate"] += 1
     s, width = spec.slots, spec.steps * spec.k
     out = StepOut(tokens=jnp.zeros((s, width), jnp.int32), n_new=jnp.zeros((s,), jnp.int32),
@@ -237,7 +240,8 @@ def generate_fn(params: Any, spec: EngineSpec, state: SlotState) -> tuple[SlotSt
 
     def cond(carry):
         st, o = carry
-        return (o.steps < spec.steps) & jnp.any(st.active) & ~jnp.any(o.finished)
+        return (o.steps < jnp.minimum(limit, spec.steps)) & jnp.any(st.active) \
+            & ~jnp.any(o.finished)
 
     def body(carry):
         st, o = carry
@@ -505,7 +509,11 @@ class Engine:
         return take
 
     def _generate(self) -> None:
-        self.state, out = generate_jit(self.params, self.spec, self.state)
+        # while prompts wait for prefill, run a quarter of the cycles: they enter sooner
+        waiting = bool(self.waiting) or any(r is not None and r.prefilled < len(r.prompt)
+                                            for r in self.slots)
+        limit = max(1, self.spec.steps // 4) if waiting else self.spec.steps
+        self.state, out = generate_jit(self.params, self.spec, self.state, np.int32(limit))
         host = jax.device_get({"tokens": out.tokens, "n_new": out.n_new,
                                "finished": out.finished, "steps": out.steps})
         self.step_count += 1
