@@ -87,8 +87,8 @@ def _metrics(port: int) -> dict[str, float]:
 
 
 async def _one(client: Any, model: str, prompt: str, max_tokens: int, sampling: dict,
-               seed: int) -> dict[str, Any]:
-    extra = {"top_k": sampling["top_k"]} if "top_k" in sampling else {}
+               seed: int, top_k: bool = True) -> dict[str, Any]:
+    extra = {"top_k": sampling["top_k"]} if ("top_k" in sampling and top_k) else {}
     t0 = time.perf_counter()
     stream = await client.completions.create(
         model=model, prompt=prompt, max_tokens=max_tokens, stream=True, seed=seed,
@@ -107,7 +107,7 @@ async def _one(client: Any, model: str, prompt: str, max_tokens: int, sampling: 
 
 
 async def _load(base: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,
-                sampling: dict) -> tuple[list[dict], float]:
+                sampling: dict, top_k: bool = True) -> tuple[list[dict], float]:
     import openai
 
     client = openai.AsyncOpenAI(base_url=base, api_key="none", max_retries=0, timeout=600)
@@ -117,7 +117,7 @@ async def _load(base: str, model: str, prompts: list[str], concurrency: int, max
     async def worker():
         while queue:
             i, p = queue.pop(0)
-            results[i] = await _one(client, model, p, max_tokens, sampling, seed=i)
+            results[i] = await _one(client, model, p, max_tokens, sampling, seed=i, top_k=top_k)
 
     async with client:
         t0 = time.perf_counter()
@@ -147,20 +147,24 @@ def _summary(results: list[dict], wall: float, tok: Any) -> dict[str, Any]:
 
 
 def bench_server(name: str, cmd: list[str], port: int, model: str, prompts: list[str],
-                 args: argparse.Namespace, tok: Any, log_path: str) -> list[dict[str, Any]]:
+                 args: argparse.Namespace, tok: Any, log_path: str, top_k: bool = True
+                 ) -> list[dict[str, Any]]:
+    """top_k=False: never send top_k (transformers serve answers 422 to it)."""
     rows = []
     with running(cmd, port, log_path) as ready_s:
         print(f"{name}: ready after {ready_s:.1f} s", flush=True)
         base = f"http://127.0.0.1:{port}/v1"
         # one untimed request per setting: lazy loads and first compiles happen outside timing
         for sampling in SETTINGS.values():
-            asyncio.run(_load(base, model, prompts[:1], 1, 4, sampling))
+            asyncio.run(_load(base, model, prompts[:1], 1, 4, sampling, top_k))
         for sname, sampling in SETTINGS.items():
             for c in args.concurrency:
                 m0 = _metrics(port)
-                res, wall = asyncio.run(_load(base, model, prompts, c, args.max_tokens, sampling))
+                res, wall = asyncio.run(_load(base, model, prompts, c, args.max_tokens, sampling,
+                                              top_k))
                 m1 = _metrics(port)
-                row = {"server": name, "setting": sname, "concurrency": c,
+                row = {"server": name, "setting": sname if top_k or "top_k" not in sampling
+                       else sname + " (no top_k)", "concurrency": c,
                        **_summary(res, wall, tok)}
                 cyc = m1.get("orthrus_draft_cycles_total", 0) - m0.get(
                     "orthrus_draft_cycles_total", 0)
@@ -190,7 +194,7 @@ def markdown(record: dict[str, Any]) -> str:
                                   "TTFT p50 s", "TTFT p99 s", "ITL p50 s", "ITL p99 s", "AL"],
                                  rows))
     lines.append("\n## Targets\n")
-    lines += [f"- {t['status']} {t['name']}: {t['detail']}" for t in record["targets"]]
+    lines += [f"- {t['status']} {t['target']}: {t['detail']}" for t in record["targets"]]
     return "\n".join(lines) + "\n"
 
 
@@ -202,7 +206,8 @@ def plot(path: str, record: dict[str, Any]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, sname in zip(axes, SETTINGS):
         for server in dict.fromkeys(r["server"] for r in record["runs"]):
-            rs = [r for r in record["runs"] if r["server"] == server and r["setting"] == sname]
+            rs = [r for r in record["runs"]
+                  if r["server"] == server and r["setting"].startswith(sname)]
             ax.plot([r["concurrency"] for r in rs], [r["output_tok_s"] for r in rs], "o-",
                     label=server)
         ax.set_xscale("log", base=2)
@@ -255,7 +260,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cmd = [exe, "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32",
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", args.hf_dir]
         runs += bench_server("transformers", cmd, port, args.hf_dir, prompts, args, tok,
-                             os.path.join(log_dir, "serve-transformers.log"))
+                             os.path.join(log_dir, "serve-transformers.log"), top_k=False)
         import transformers
         record["transformers"] = transformers.__version__
     record["runs"] = runs
