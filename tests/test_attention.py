@@ -1,0 +1,181 @@
+"""orthrus_jax.attention: every backend that runs here equals the dense two-source attention."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from orthrus_jax.attention import attention, select_backend
+
+ATOL = 1e-5
+
+
+def dense_reference(q, prefix_k, prefix_v, prefix_len, block_k, block_v, causal, block_mask=None):
+    """The dense path the model used before orthrus_jax.attention: full fp32 scores, one softmax."""
+    b, n, t, h, d = q.shape
+    kv = block_k.shape[3]
+    qg = q.reshape(b, n, t, kv, h // kv, d) * d ** -0.5
+    neg = jnp.finfo(jnp.float32).min
+    if block_mask is None:
+        block_mask = jnp.tril(jnp.ones((t, t), bool)) if causal else jnp.ones((t, t), bool)
+    block_mask = jnp.broadcast_to(block_mask, (b, n, t, t))[:, :, None, None]
+    s_blk = jnp.where(block_mask, jnp.einsum("bntkgd,bnskd->bnkgts", qg, block_k), neg)
+    parts, values = [s_blk], [("bnkgts,bnskd->bntkgd", block_v)]
+    if prefix_k is not None:
+        vis = jnp.arange(prefix_k.shape[1])[None, None, :] < prefix_len[:, :, None]
+        s_pre = jnp.where(vis[:, :, None, None, None, :],
+                          jnp.einsum("bntkgd,bskd->bnkgts", qg, prefix_k), neg)
+        parts, values = [s_pre] + parts, [("bnkgts,bskd->bntkgd", prefix_v)] + values
+    probs = jax.nn.softmax(jnp.concatenate(parts, -1), -1)
+    out, start = 0.0, 0
+    for p_scores, (eq, v) in zip(parts, values):
+        width = p_scores.shape[-1]
+        out = out + jnp.einsum(eq, probs[..., start:start + width], v)
+        start += width
+    return out.reshape(b, n, t, h, d)
+
+
+def _inputs(seed, b, n, t, s, h, kv, d=16):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    q = jax.random.normal(ks[0], (b, n, t, h, d))
+    bk = jax.random.normal(ks[1], (b, n, t, kv, d))
+    bv = jax.random.normal(ks[2], (b, n, t, kv, d))
+    pk = jax.random.normal(ks[3], (b, s, kv, d)) if s else None
+    pv = jax.random.normal(ks[4], (b, s, kv, d)) if s else None
+    return q, bk, bv, pk, pv
+
+
+CASES = {
+    # name: (b, n, t, s, h, kv, prefix_len, causal)
+    "ar-decode-ragged": (3, 1, 5, 70, 4, 2, [[0], [33], [70]], True),
+    "ar-prefill-chunk": (2, 1, 40, 90, 2, 1, [[40], [40]], True),
+    "ar-no-prefix-long": (2, 1, 45, 0, 4, 1, None, True),
+    "diffusion-draft-ragged": (2, 1, 8, 50, 4, 4, [[13], [49]], False),
+    "diffusion-training-blocks": (2, 3, 8, 40, 4, 2, [[1, 9, 20], [5, 17, 32]], False),
+}
+
+
+def _run_case(name, backend, **kw):
+    b, n, t, s, h, kv, plen, causal = CASES[name]
+    q, bk, bv, pk, pv = _inputs(hash(name) % 1000, b, n, t, s, h, kv)
+    plen = None if plen is None else jnp.asarray(plen, jnp.int32)
+    fn = jax.jit(lambda *a: attention(a[0], a[1], a[2], prefix_k=a[3], prefix_v=a[4],
+                                      prefix_len=a[5], causal=causal, backend=backend, **kw))
+    ours = fn(q, bk, bv, pk, pv, plen)
+    ref = dense_reference(q, pk, pv, plen, bk, bv, causal)
+    return np.asarray(ours), np.asarray(ref)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_xla_chunked_equals_dense(name):
+    """Small chunks (8 queries x 16 keys) so that several query and key chunks, a partial last
+    chunk and skipped chunks are all exercised; both views' masks, ragged prefix lengths."""
+    ours, ref = _run_case(name, "xla", q_chunk=8, k_chunk=16)
+    np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_dot_product_attention_path_equals_dense(name):
+    """The cuDNN backend's code path (two jax.nn.dot_product_attention calls merged by their
+    log-sum-exp) run with jax's XLA implementation, the only one this CPU has."""
+    from orthrus_jax import attention as A
+
+    b, n, t, s, h, kv, plen, causal = CASES[name]
+    q, bk, bv, pk, pv = _inputs(hash(name) % 1000, b, n, t, s, h, kv)
+    plen = None if plen is None else jnp.asarray(plen, jnp.int32)
+    ours = jax.jit(lambda *a: A._dpa(*a, causal, None, "xla"))(q, bk, bv, pk, pv, plen)
+    ref = dense_reference(q, pk, pv, plen, bk, bv, causal)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["xla", "dpa"])
+def test_explicit_block_mask_equals_dense(backend):
+    """An explicit block mask (a tree: each query sees itself and its ancestors) replaces the
+    causal rule; the prefix part is unchanged."""
+    from orthrus_jax import attention as A
+
+    b, n, t, s, h, kv = 2, 1, 6, 30, 4, 2
+    q, bk, bv, pk, pv = _inputs(5, b, n, t, s, h, kv)
+    parent = [-1, 0, 0, 1, 2, 2]
+    tree = np.eye(t, dtype=bool)
+    for i in range(t):
+        j = parent[i]
+        while j >= 0:
+            tree[i, j] = True
+            j = parent[j]
+    plen = jnp.asarray([[11], [30]], jnp.int32)
+    mask = jnp.asarray(tree)
+    if backend == "xla":
+        ours = attention(q, bk, bv, prefix_k=pk, prefix_v=pv, prefix_len=plen, causal=True,
+                         block_mask=mask, backend="xla", q_chunk=4, k_chunk=8)
+    else:
+        ours = A._dpa(q, bk, bv, pk, pv, plen, True, mask, "xla")
+    ref = dense_reference(q, pk, pv, plen, bk, bv, True, block_mask=mask)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=ATOL, rtol=0)
+
+
+def test_xla_chunked_gradient_equals_dense():
+    """Reverse mode through the chunk scans (with skipped chunks) equals the dense gradient."""
+    b, n, t, s, h, kv, plen, causal = CASES["diffusion-training-blocks"]
+    q, bk, bv, pk, pv = _inputs(9, b, n, t, s, h, kv)
+    plen = jnp.asarray(plen, jnp.int32)
+    w = jax.random.normal(jax.random.PRNGKey(1), q.shape)
+
+    def loss(fn, q, pk):
+        return jnp.sum(fn(q, pk) * w)
+
+    ours = jax.grad(lambda q, pk: loss(lambda q, pk: attention(
+        q, bk, bv, prefix_k=pk, prefix_v=pv, prefix_len=plen, causal=False, backend="xla",
+        q_chunk=4, k_chunk=8), q, pk), argnums=(0, 1))(q, pk)
+    ref = jax.grad(lambda q, pk: loss(lambda q, pk: dense_reference(
+        q, pk, pv, plen, bk, bv, False), q, pk), argnums=(0, 1))(q, pk)
+    for a, r in zip(ours, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=ATOL, rtol=0)
+
+
+def test_splash_interpret_equals_dense():
+    """The Pallas splash kernel (TPU), run in interpret mode on the CPU: causal, no prefix."""
+    b, n, t, h, kv = 1, 1, 256, 2, 1
+    q, bk, bv, _, _ = _inputs(3, b, n, t, 0, h, kv, d=128)
+    ours = jax.jit(lambda q, k, v: attention(q, k, v, causal=True, backend="splash",
+                                             interpret=True))(q, bk, bv)
+    ref = dense_reference(q, None, None, None, bk, bv, True)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=ATOL, rtol=0)
+
+
+def test_select_backend():
+    kw = dict(has_prefix=True, causal=True, has_block_mask=False, q_len=32)
+    assert select_backend("gpu", jnp.bfloat16, 128, **kw) == "cudnn"
+    assert select_backend("gpu", jnp.float16, 64, **kw) == "cudnn"
+    assert select_backend("gpu", jnp.float32, 128, **kw) == "xla"     # cuDNN rejects fp32
+    assert select_backend("gpu", jnp.bfloat16, 256, **kw) == "xla"    # head_dim too large
+    assert select_backend("cpu", jnp.bfloat16, 128, **kw) == "xla"
+    assert select_backend("tpu", jnp.bfloat16, 128, **kw) == "xla"    # per-row prefix lengths
+    no_prefix = dict(kw, has_prefix=False, q_len=2048)
+    assert select_backend("tpu", jnp.bfloat16, 128, **no_prefix) == "splash"
+    assert select_backend("tpu", jnp.float32, 128, **no_prefix) == "splash"
+    assert select_backend("tpu", jnp.bfloat16, 128, **dict(no_prefix, q_len=100)) == "xla"
+    assert select_backend("tpu", jnp.bfloat16, 128, **dict(no_prefix, causal=False)) == "xla"
+    assert select_backend("tpu", jnp.bfloat16, 128,
+                          **dict(no_prefix, has_block_mask=True)) == "xla"
+
+
+def test_bad_backend_is_an_error():
+    q = jnp.zeros((1, 1, 2, 2, 8))
+    k = jnp.zeros((1, 1, 2, 1, 8))
+    with pytest.raises(ValueError, match="backend"):
+        attention(q, k, k, causal=True, backend="flash")
+
+
+def test_xla_block_groups_equal_dense():
+    """Many blocks per row go in groups (here 2 blocks of 8 queries, a padded last group), each
+    group skipping the prefix chunks past its own anchors."""
+    b, n, t, s, h, kv = 2, 5, 8, 64, 4, 2
+    q, bk, bv, pk, pv = _inputs(11, b, n, t, s, h, kv)
+    plen = jnp.asarray([[1, 9, 20, 40, 56], [3, 4, 30, 31, 60]], jnp.int32)
+    ours = jax.jit(lambda q, pk: attention(q, bk, bv, prefix_k=pk, prefix_v=pv, prefix_len=plen,
+                                           causal=False, backend="xla", q_chunk=16,
+                                           k_chunk=16))(q, pk)
+    ref = dense_reference(q, pk, pv, plen, bk, bv, False)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=ATOL, rtol=0)
