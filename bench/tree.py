@@ -17,12 +17,14 @@ import argparse
 import os
 from typing import Any, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from bench import common
-from bench.decode import find_tokenizer, load_ours, load_prompts
+from bench.decode import find_tokenizer, load_prompts
 from infer import decoder
 from orthrus_jax import paths
+from orthrus_jax.checkpoint import load_any_model
 from orthrus_jax.cli import ArgumentParser
 
 SETTINGS = ("greedy", "sampled")
@@ -118,7 +120,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if bad or not settings:
         raise common.UsageError(f"--settings {args.settings!r}: choose from {','.join(SETTINGS)}")
     record = common.header("tree", args)
-    cfg, params = load_ours(args.model, args.dtype)
+    cfg, params = load_any_model(args.model, jnp.dtype(args.dtype))
     prompts = load_prompts(args.prompts, args.tokenizer or find_tokenizer(args.model),
                            args.num_prompts, args.max_prompt_tokens)
     k = int(args.block_size or cfg.block_size)
