@@ -18,7 +18,6 @@ import os
 from typing import Any, Sequence
 
 import jax.numpy as jnp
-import numpy as np
 
 from bench import common
 from bench.decode import find_tokenizer, load_prompts
