@@ -24,7 +24,7 @@ from bench.decode import find_tokenizer, load_prompts
 from infer import decoder
 from orthrus_jax import paths
 from orthrus_jax.checkpoint import load_any_model
-from orthrus_jax.cli import ArgumentParser
+from orthrus_jax.cli import ArgumentParser, parse_dtype
 
 SETTINGS = ("greedy", "sampled")
 
@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=0.8, help="sampled setting (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-size", type=int, default=None, help="K (default: the model's)")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    p.add_argument("--dtype", default="float32", type=parse_dtype,
+                   help="compute dtype: fp32 (default), bf16 or fp16 (long names accepted too)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per config; best is kept")
     p.add_argument("--out-dir", default=common.DEFAULT_OUT_DIR)
     return p
