@@ -243,37 +243,105 @@ def step_fn(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Samplin
 def _tree_cycle(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Sampling,
                 k_draft: Array, k_verify: Array
                 ) -> tuple[Array, Array, Array, KVCache, Array, Array]:
-    """Draft a tree, verify every node in one AR pass, write the accepted path's K/V.
+    """The batch decoder's tree cycle: every row greedy, or every row sampled (tree_cycle)."""
+    b = state.anchor.shape[0]
+    return tree_cycle(params, spec.cfg, spec.block_size, spec.tree_budget, state.anchor,
+                      state.cache, sampled=jnp.full((b,), not spec.greedy),
+                      any_sampled=not spec.greedy,
+                      process=lambda logits: _processed(spec, sampling, logits),
+                      k_draft=jax.random.split(k_draft, b), k_verify=jax.random.split(k_verify, b),
+                      accepted=state.accepted, judged=state.judged)
 
+
+def _row(x: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a: a[None], x)
+
+
+def _unrow(x: Any) -> Any:
+    return jax.tree_util.tree_map(lambda a: a[0], x)
+
+
+def _branch(pred: Any, on_true: Callable[[], Any], on_false: Callable[[], Any]) -> Any:
+    """on_true() if pred else on_false(): by Python when pred is static, else lax.cond."""
+    if isinstance(pred, bool):
+        return on_true() if pred else on_false()
+    return jax.lax.cond(pred, on_true, on_false)
+
+
+def _select_rows(rows: Array, a: Any, b: Any) -> Any:
+    """Per row (leading axis), a where rows else b, over matching pytrees."""
+    return jax.tree_util.tree_map(
+        lambda x, y: jnp.where(rows.reshape((-1,) + (1,) * (x.ndim - 1)), x, y), a, b)
+
+
+def tree_cycle(params: Any, cfg: Qwen3Config, block_size: int, budget: int, anchor: Array,
+               cache: KVCache, *, sampled: Array, any_sampled: bool | Array,
+               process: Callable[[Array], Array], k_draft: Array, k_verify: Array,
+               accepted: Array, judged: Array
+               ) -> tuple[Array, Array, Array, KVCache, Array, Array]:
+    """Draft a tree of `budget` nodes per row, verify every node in one AR pass, write the
+    accepted path's K/V at each row's length (the cache length is left to the caller).
+
+    Shared by the batch decoder and the engine. sampled: bool[B], rows that sample (the others
+    get a greedy tree and the argmax walk); any_sampled: a Python bool when every row or none
+    samples (static), else a traced scalar (the sampling work runs under lax.cond only when some
+    row samples). process(logits) -> the rows' processed log-probabilities. k_draft, k_verify:
+    uint32[B, 2] per-row keys (a row's draws depend on its own keys only). accepted, judged:
+    the row's tree-walk counts so far (the sampling shape's prior on a first draw's acceptance).
     Returns (accepted path tokens as drafts [B, K-1], n_acc, next token, cache, valid nodes [B],
-    walk steps at a node with children [B]).
+    walk steps at a node with children [B]). Like the chain, at most K entries are written
+    from each row's length (writes past the cache end are dropped).
     """
-    cfg, k = spec.cfg, spec.block_size
-    q_logits = lm_logits(params, draft_block(params, cfg, state.anchor, state.cache, k)[:, : k - 1])
-    if spec.greedy:
-        q_lp = jax.nn.log_softmax(q_logits, axis=-1)
+    k = block_size
+    q_logits = lm_logits(params, draft_block(params, cfg, anchor, cache, k)[:, : k - 1])
+    all_sampled = any_sampled is True
+
+    def greedy_tree():
+        return T.build_tree(anchor, jax.nn.log_softmax(q_logits, axis=-1), budget)
+
+    def sampled_tree():
+        q_lp = process(q_logits)
+        # the shape values a first draw at the row's per-step acceptance so far (a prior of
+        # FIRST_ACCEPT worth 8 steps); earlier cycles only, so the draws stay exact
+        prior = 8.0
+        first = jnp.clip((accepted + prior * T.FIRST_ACCEPT) / (judged + prior), 0.05, 0.98)
+        tree = jax.vmap(lambda a, q, key, f: _unrow(T.build_tree(a[None], q[None], budget, key,
+                                                                 f[None])))(
+            anchor, q_lp, k_draft, first)
+        return tree, q_lp
+
+    if all_sampled:
+        tree, q_lp = sampled_tree()
+    elif any_sampled is False:
+        tree, q_lp = greedy_tree(), None
     else:
-        q_lp = _processed(spec, sampling, q_logits)
-    # sampling: the shape values a first draw at the row's per-step acceptance so far (a prior
-    # of FIRST_ACCEPT worth 8 steps); earlier cycles only, so the draws stay exact
-    prior = 8.0
-    first_accept = ((state.accepted + prior * T.FIRST_ACCEPT) / (state.judged + prior))
-    tree = T.build_tree(state.anchor, q_lp, spec.tree_budget, None if spec.greedy else k_draft,
-                        jnp.clip(first_accept, 0.05, 0.98))
-    hidden, new_k, new_v = ar_block(params, cfg, tree.tokens, state.cache, tree.depth, tree.mask)
+        tree_g = greedy_tree()
+        tree_s, q_lp = _branch(any_sampled, sampled_tree,
+                               lambda: (tree_g, jnp.zeros(q_logits.shape, jnp.float32)))
+        tree = _select_rows(sampled, tree_s, tree_g)
+    hidden, new_k, new_v = ar_block(params, cfg, tree.tokens, cache, tree.depth, tree.mask)
     p_logits = lm_logits(params, hidden)
-    if spec.greedy:
+
+    def reject():
+        def one(key, t, p, q):
+            return _unrow(T.rejection_tree_verify(key, _row(t), p[None], q[None]))
+        return jax.vmap(one)(k_verify, tree, process(p_logits), q_lp)
+
+    if all_sampled:
+        n_acc, nxt, path = reject()
+    elif any_sampled is False:
         n_acc, nxt, path = T.greedy_tree_verify(tree, p_logits)
     else:
-        n_acc, nxt, path = T.rejection_tree_verify(k_verify, tree,
-                                                   _processed(spec, sampling, p_logits), q_lp)
+        greedy = T.greedy_tree_verify(tree, p_logits)
+        n_acc, nxt, path = _select_rows(sampled, _branch(any_sampled, reject, lambda: greedy),
+                                        greedy)
     idx = path[None, :, :, None, None]  # the path's K/V, consecutive from length
-    cache = write_cache(state.cache, jnp.take_along_axis(new_k, idx, axis=2),
+    cache = write_cache(cache, jnp.take_along_axis(new_k, idx, axis=2),
                         jnp.take_along_axis(new_v, idx, axis=2))
     n_valid = jnp.sum(tree.valid, axis=1).astype(jnp.int32) - 1
     end = jnp.take_along_axis(path, n_acc[:, None], axis=1)[:, 0]
-    judged = n_acc + (T._take_row(tree.children, end)[:, 0] >= 0)
-    return tree.path_tokens(path), n_acc, nxt, cache, n_valid, judged.astype(jnp.int32)
+    walked = n_acc + (T._take_row(tree.children, end)[:, 0] >= 0)
+    return tree.path_tokens(path), n_acc, nxt, cache, n_valid, walked.astype(jnp.int32)
 
 
 def loop_fn(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Sampling) -> DecodeState:

@@ -12,7 +12,9 @@ Device side (pure functions, jitted once per EngineSpec):
   cache (an AR pass over the slot's cache row at an explicit start); the last chunk samples the
   first token and makes the slot active. A long prompt enters chunk by chunk between decode
   steps, so running streams keep flowing while it is prefilled.
-- `generate`: up to `steps` cycles (orthrus: draft + verify; ar: one token) of every active slot
+- `generate`: up to `steps` cycles (orthrus: draft + verify of a chain, or with verify="tree" of
+  a draft tree of tree_budget nodes through infer.decoder.tree_cycle; ar: one token) of every
+  active slot
   in one `lax.while_loop`, stopping early as soon as a slot finishes, so its slot is refilled at
   once (a quarter of them while prompts wait for prefill: the limit is traced). Returns every
   slot's new tokens.
@@ -21,8 +23,13 @@ Per-request temperature, top-p, top-k and seed are per-slot traced values: one c
 serves mixed settings (greedy rows by argmax, sampled rows through spec.process_logits_rows with
 top-k up to a static cap; the sampling work is skipped when no active row samples). A cycle's
 PRNG key is fold_in(request key, position of the last committed token): the same seed gives the
-same tokens in whichever slot the request lands. An inactive slot is "parked" with
-length = max_len, so the batched passes' writes for it fall outside the cache and are dropped.
+same tokens in whichever slot the request lands (tree drafts and their rejection walk take per-row
+keys too). An inactive slot is "parked" with length = max_len, so the batched passes' writes for
+it fall outside the cache and are dropped. A tree needs no more cache than the chain: its nodes'
+K/V stay out of the cache except the accepted path's (at most K entries from the slot's length,
+like the chain's block), and entries past max_len belong to tokens max_new_tokens cuts anyway.
+Per-slot statistics (cycles, acceptance histogram, per-depth acceptance, nodes verified, tree
+walk counts) are reset when a request is inserted.
 """
 from __future__ import annotations
 
@@ -38,8 +45,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from infer.decoder import (MODES, TRACE_COUNTS, GenerationError, GenerationResult, _check_prompts,
-                           _row_stats, length_bucket)
+from infer.decoder import (MODES, TRACE_COUNTS, VERIFY, GenerationError, GenerationResult,
+                           _check_prompts, _row_stats, length_bucket, tree_cycle)
 from orthrus_jax import spec as S
 from orthrus_jax.cache import KVCache, init_cache
 from orthrus_jax.config import Qwen3Config
@@ -62,6 +69,15 @@ class EngineSpec:
     chunk: int = 256  # prefill chunk, at most (a length bucket)
     top_k_cap: int = TOP_K_CAP
     eos_ids: tuple[int, ...] = ()
+    verify: str = "chain"  # orthrus: "chain" (K-1 drafts) or "tree" (tree_budget nodes)
+    tree_budget: int = 0  # draft nodes per cycle besides the anchor (verify="tree")
+
+    @property
+    def nodes(self) -> int:
+        """Draft tokens the AR view verifies per cycle besides the anchor, at most."""
+        if self.mode != "orthrus":
+            return 0
+        return self.tree_budget if self.verify == "tree" else self.block_size - 1
 
     @property
     def k(self) -> int:
@@ -83,6 +99,9 @@ class SlotState:
     cycles: Array      # int32[S]: cycles while active
     acc_hist: Array    # int32[S, K]: cycles by accepted-and-emitted drafts
     pos_acc: Array     # int32[S, max(K-1, 1)]: cycles where draft i was accepted and emitted
+    nodes: Array       # int32[S]: draft nodes verified (tree: valid nodes; chain: K-1 a cycle)
+    judged: Array      # int32[S]: tree walk steps at a node with children (accepted or not)
+    accepted: Array    # int32[S]: drafts accepted (tree: walk steps that accepted a child)
 
 
 @flax.struct.dataclass
@@ -101,7 +120,8 @@ def init_state_fn(spec: EngineSpec, dtype: Any) -> SlotState:
         cache=cache.replace(length=jnp.full((s,), spec.max_len, jnp.int32)), anchor=zi,
         active=jnp.zeros((s,), bool), n_out=zi, max_new=zi, temperature=jnp.zeros((s,)),
         top_p=jnp.ones((s,)), top_k=zi, key=jnp.zeros((s, 2), jnp.uint32), cycles=zi,
-        acc_hist=jnp.zeros((s, k), jnp.int32), pos_acc=jnp.zeros((s, max(k - 1, 1)), jnp.int32))
+        acc_hist=jnp.zeros((s, k), jnp.int32), pos_acc=jnp.zeros((s, max(k - 1, 1)), jnp.int32),
+        nodes=zi, judged=zi, accepted=zi)
 
 
 def _processed(spec: EngineSpec, state: SlotState, logits: Array) -> Array:
@@ -165,7 +185,8 @@ def insert_chunk_fn(params: Any, spec: EngineSpec, state: SlotState, tokens: Arr
         temperature=put(state.temperature, req["temperature"]),
         top_p=put(state.top_p, req["top_p"]), top_k=put(state.top_k, req["top_k"]),
         key=put(state.key, req["key"]), cycles=put(state.cycles, 0),
-        acc_hist=put(state.acc_hist, 0), pos_acc=put(state.pos_acc, 0))
+        acc_hist=put(state.acc_hist, 0), pos_acc=put(state.pos_acc, 0),
+        nodes=put(state.nodes, 0), judged=put(state.judged, 0), accepted=put(state.accepted, 0))
     return state, first, done
 
 
@@ -178,7 +199,14 @@ def cycle_fn(params: Any, spec: EngineSpec, state: SlotState
     k_draft, k_verify = sub[:, 0], sub[:, 1]
     sampled = state.temperature > 0
     any_sampled = jnp.any(sampled & state.active)
-    if spec.mode == "orthrus":
+    n_nodes = jnp.full(state.anchor.shape, spec.nodes, jnp.int32)
+    judged = jnp.zeros_like(n_nodes)
+    if spec.mode == "orthrus" and spec.verify == "tree":
+        drafts, n_acc, nxt, cache, n_nodes, judged = tree_cycle(
+            params, cfg, spec.block_size, spec.tree_budget, state.anchor, cache, sampled=sampled,
+            any_sampled=any_sampled, process=lambda logits: _processed(spec, state, logits),
+            k_draft=k_draft, k_verify=k_verify, accepted=state.accepted, judged=state.judged)
+    elif spec.mode == "orthrus":
         k = spec.block_size
         q_logits = lm_logits(params, draft_block(params, cfg, state.anchor, cache, k)[:, : k - 1])
         greedy_d = jnp.argmax(q_logits, axis=-1).astype(jnp.int32)
@@ -225,7 +253,10 @@ def cycle_fn(params: Any, spec: EngineSpec, state: SlotState
         cache=cache.replace(length=length.astype(jnp.int32)),
         anchor=jnp.where(active, new_anchor, state.anchor), active=active & ~finished,
         n_out=state.n_out + n_emit, cycles=state.cycles + active.astype(jnp.int32),
-        acc_hist=hist.astype(jnp.int32), pos_acc=pos.astype(jnp.int32))
+        acc_hist=hist.astype(jnp.int32), pos_acc=pos.astype(jnp.int32),
+        nodes=state.nodes + jnp.where(active, n_nodes, 0),
+        judged=state.judged + jnp.where(active, judged, 0),
+        accepted=state.accepted + jnp.where(active, n_acc, 0))
     return state, block, n_emit, finished
 
 
@@ -314,6 +345,7 @@ class Request:
     cycles: int = 0
     acc_hist: np.ndarray | None = None
     pos_acc: np.ndarray | None = None
+    nodes: int = 0  # draft nodes verified for this request
 
     @property
     def done(self) -> bool:
@@ -329,12 +361,20 @@ class Engine:
     def __init__(self, params: Any, cfg: Qwen3Config, *, slots: int = 8, max_len: int = 1024,
                  mode: str = "orthrus", block_size: int | None = None, steps: int | None = None,
                  chunk: int = 256, top_k_cap: int = TOP_K_CAP,
-                 eos_token_ids: Sequence[int] | None = None):
+                 eos_token_ids: Sequence[int] | None = None, verify: str = "chain",
+                 tree_budget: int | None = None):
         if mode not in MODES:
             raise GenerationError(f"mode must be one of {MODES}, got {mode!r}")
+        if verify not in VERIFY:
+            raise GenerationError(f"verify must be one of {VERIFY}, got {verify!r}")
+        if verify == "tree" and mode != "orthrus":
+            raise GenerationError(f"verify 'tree' needs mode 'orthrus', got mode {mode!r}")
         k = int(cfg.block_size if block_size is None else block_size)
         if k < 2:
             raise GenerationError(f"block_size must be >= 2, got {k}")
+        budget = k - 1 if tree_budget is None else int(tree_budget)
+        if verify == "tree" and budget < 1:
+            raise GenerationError(f"tree_budget must be >= 1, got {budget}")
         if slots < 1:
             raise GenerationError(f"slots must be >= 1, got {slots}")
         if not 1 <= max_len <= cfg.max_position_embeddings:
@@ -346,7 +386,8 @@ class Engine:
                                      else eos_token_ids))
         steps = steps or (8 if mode == "orthrus" else 16)
         self.spec = EngineSpec(cfg=cfg, mode=mode, block_size=k, slots=slots, max_len=max_len,
-                               steps=steps, chunk=chunk, top_k_cap=top_k_cap, eos_ids=eos)
+                               steps=steps, chunk=chunk, top_k_cap=top_k_cap, eos_ids=eos,
+                               verify=verify, tree_budget=budget if verify == "tree" else 0)
         self.params, self.cfg = params, cfg
         self.state = init_state_jit(self.spec, params["embed"].dtype)
         self.slots: list[Request | None] = [None] * slots
@@ -520,7 +561,8 @@ class Engine:
         self.cycle_count += int(host["steps"])
         fin = [s for s in range(self.spec.slots) if host["finished"][s]]
         stats = jax.device_get({"cycles": self.state.cycles, "hist": self.state.acc_hist,
-                                "pos": self.state.pos_acc}) if fin else None
+                                "pos": self.state.pos_acc, "nodes": self.state.nodes}
+                               ) if fin else None
         for s, r in enumerate(self.slots):
             if r is None or r.prefilled < len(r.prompt):
                 continue
@@ -530,6 +572,7 @@ class Engine:
             if host["finished"][s]:
                 r.cycles = int(stats["cycles"][s])
                 r.acc_hist, r.pos_acc = stats["hist"][s].copy(), stats["pos"][s].copy()
+                r.nodes = int(stats["nodes"][s])
                 self.slots[s] = None
                 eos = bool(r.tokens) and r.tokens[-1] in self.spec.eos_ids
                 self._finish(r, "stop" if eos else "length")
@@ -553,19 +596,21 @@ class Engine:
         elapsed = (r.t_end or time.perf_counter()) - r.t_submit
         return GenerationResult(list(r.tokens), _row_stats(
             self.spec.mode, len(r.tokens), r.cycles, hist, pos, r.finish_reason == "stop",
-            ttft, elapsed, k, nodes=(k - 1) * r.cycles))  # chain verification: K-1 a cycle
+            ttft, elapsed, k, nodes=r.nodes))
 
 
 def generate_all(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]], *,
                  mode: str = "orthrus", max_new_tokens: int = 256, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                  block_size: int | None = None, slots: int = 8, max_len: int | None = None,
-                 eos_token_ids: Sequence[int] | None = None,
+                 eos_token_ids: Sequence[int] | None = None, verify: str = "chain",
+                 tree_budget: int | None = None,
                  on_tokens: Callable[[int, list[int]], None] | None = None
                  ) -> list[GenerationResult]:
     """Generate for a list of prompts through one Engine (continuous batching; results in prompt
     order). Prompt i samples with seed + i. max_len: the cache (default: the longest prompt plus
-    max_new_tokens, rounded up to a length bucket, within the model's limit)."""
+    max_new_tokens, rounded up to a length bucket, within the model's limit). verify "tree":
+    a draft tree of tree_budget nodes per cycle (default K-1) instead of the chain."""
     prompts = [list(map(int, p)) for p in prompts]
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -582,7 +627,8 @@ def generate_all(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]]
         need = max(len(p) for p in prompts) + max_new_tokens
         max_len = min(length_bucket(need), cfg.max_position_embeddings)
     eng = Engine(params, cfg, slots=min(slots, len(prompts)), max_len=max_len, mode=mode,
-                 block_size=block_size, eos_token_ids=eos_token_ids)
+                 block_size=block_size, eos_token_ids=eos_token_ids, verify=verify,
+                 tree_budget=tree_budget)
     index: dict[int, int] = {}
     reqs = []
     for i, p in enumerate(prompts):

@@ -195,3 +195,113 @@ def test_process_logits_rows_matches_per_row():
     ref = S.process_logits(flat[:1], 1.0, 0.9)
     np.testing.assert_array_equal(np.isinf(rows[:1]), np.isinf(ref))
     assert not np.isinf(rows[1]).any()
+
+
+# ---------------------------------------------------------------------------------------------
+# tree verification (verify="tree") on the engine
+
+TREE = {"verify": "tree", "tree_budget": 12, "block_size": 8}  # more nodes than K-1 = 7: branching
+TREE_NEW = 40
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """The demo checkpoint (trained diffusion heads: multi-token paths are accepted), fp32, and
+    six dev prompts cut to ragged lengths within one 64-token prefill chunk."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    from orthrus_jax.checkpoint import load_model
+    from orthrus_jax.paths import DEMO_MODEL_DIR, DEV_PROMPTS
+
+    cfg, params = load_model(str(DEMO_MODEL_DIR), jnp.float32)
+    tok = Tokenizer.from_file(str(DEMO_MODEL_DIR / "tokenizer.json"))
+    with open(DEV_PROMPTS) as f:
+        texts = [json.loads(line)["prompt"] for line in f][:6]
+    cut = [60, 23, 47, 35, 64, 30]
+    return cfg, params, [tok.encode(t, add_special_tokens=False).ids[:n]
+                         for t, n in zip(texts, cut)]
+
+
+def _accepted_cycles(chunks):
+    """Output indices of the cycles that accepted >= 2 drafts (a cycle's tokens: accepted
+    drafts, then the correction or bonus; chunks[0] is the prefill's)."""
+    starts = np.cumsum([len(c) for c in chunks])[:-1]
+    return [int(s) for s, c in zip(starts, chunks[1:]) if len(c) >= 3]
+
+
+def test_tree_greedy_equals_ar(demo):
+    """Greedy tree verification through the engine equals AR token for token (fp32): at batch 1,
+    and in a ragged batch of 4 slots refilled from 6 requests with an EOS that is an accepted
+    draft inside a path, a max_new_tokens that cuts a path, and a request that fills its cache
+    row exactly (prompt + max_new_tokens = max_len: the tree needs no more cache than that)."""
+    cfg, params, prompts = demo
+    max_len = max(map(len, prompts)) + TREE_NEW
+    ar = decoder.generate(params, cfg, prompts, mode="ar", max_new_tokens=TREE_NEW,
+                          eos_token_ids=())
+    # batch 1, one cycle per call: each delivery after the first token is one cycle's tokens
+    one = Engine(params, cfg, slots=1, max_len=max_len, mode="orthrus", chunk=64, steps=1,
+                 eos_token_ids=(), **TREE)
+    chunks = [[], []]
+    reqs = [Request(p, TREE_NEW, on_tokens=(lambda i: lambda _r, ids: chunks[i].append(ids))(i))
+            for i, p in enumerate(prompts[:2])]
+    assert _run(one, reqs) == [r.token_ids for r in ar[:2]]
+    st = one.result(reqs[0]).stats
+    assert st.nodes_per_cycle == 12 and st.acceptance_length > 1.0
+    assert st.position_acceptance[1] > 0 and len(st.position_acceptance) == 7
+    # an EOS inside an accepted path (row 0), a max_new_tokens cut inside one (row 1)
+    row0, row1 = ar[0].token_ids, ar[1].token_ids
+    at, cut_at = next((a, c) for a in _accepted_cycles(chunks[0])
+                      for c in _accepted_cycles(chunks[1])
+                      if row0[a] not in row0[:a] + row1[: c + 1])
+    eos = row0[at]
+    # greedy AR with this EOS: each row up to and including its first EOS, then max_new_tokens
+    ref = [r.token_ids[: r.token_ids.index(eos) + 1] if eos in r.token_ids else r.token_ids
+           for r in ar]
+    max_new = [TREE_NEW, cut_at + 1, 17, 9, TREE_NEW, 30]
+    four = Engine(params, cfg, slots=4, max_len=max_len, mode="orthrus", chunk=64, steps=3,
+                  eos_token_ids=(eos,), **TREE)
+    reqs = [Request(p, m) for p, m in zip(prompts, max_new)]
+    assert _run(four, reqs) == [r[:m] for r, m in zip(ref, max_new)]
+    assert reqs[0].tokens == ar[0].token_ids[: at + 1] and reqs[0].finish_reason == "stop"
+    assert len(reqs[1].tokens) == cut_at + 1 and reqs[1].finish_reason == "length"
+    assert len(prompts[4]) + max_new[4] == max_len
+    # statistics are per request: a refilled slot's counters start afresh
+    assert reqs[4].slot is not None and reqs[5].slot is not None
+    for r in reqs:
+        s = four.result(r).stats
+        assert sum(s.acceptance_hist) == s.cycles > 0 and s.nodes_per_cycle == 12
+
+
+def test_tree_sampling_exact_mixed_settings(tiny):
+    """Tree verification (K 4, 6 nodes: siblings at depth 1..3) through the engine: rows with
+    different temperature / top-k / top-p and greedy rows share one batch, each sampled group
+    matches its exact AR marginals at positions 0..3 (1..3 from the first tree's depths), and a
+    seed gives the same tokens in another slot."""
+    cfg, params = tiny
+    settings = [(1.0, 0, 1.0), (0.7, 6, 0.8)]
+    rows = 1024
+    eng = Engine(params, cfg, slots=512, max_len=16, mode="orthrus", chunk=32, steps=NEW,
+                 eos_token_ids=(), verify="tree", tree_budget=6)
+    reqs = []
+    for i in range(rows):
+        t, k, p = settings[i % 2]
+        reqs.append(Request(PROMPT, NEW, temperature=t, top_k=k, top_p=p, seed=5000 + i))
+        if i % 64 == 0:
+            reqs.append(Request(PROMPT, NEW))
+    twin = Request(PROMPT, NEW, temperature=1.0, seed=5000)  # reqs[0]'s settings and seed
+    reqs.append(twin)
+    _run(eng, reqs)
+    assert twin.slot != reqs[0].slot and twin.tokens == reqs[0].tokens
+    greedy = [r.tokens for r in reqs if r.temperature == 0]
+    assert all(g == greedy[0] for g in greedy)
+    hist = np.sum([eng.result(r).stats.acceptance_hist for r in reqs], axis=0)
+    assert hist[0] > 0 and hist[2:].sum() > 0  # rejections and paths of 2+ drafts
+    for j, (t, k, p) in enumerate(settings):
+        toks = np.array([r.tokens for r in reqs[:-1] if r.temperature == t])
+        assert toks.shape == (rows // 2, NEW)
+        margs = exact_marginals(cfg, params, t, k, p)
+        for pos in range(NEW):
+            pv = chi2_pvalue(np.bincount(toks[:, pos], minlength=V), margs[pos])
+            assert pv > P_MIN, f"setting {j}, position {pos}: chi-square p={pv:.2g}"
