@@ -24,6 +24,11 @@ class Metrics:
                                     "cycle 2, AR step 1)",
             "draft_cycles_total": "Orthrus cycles of finished requests",
             "accepted_drafts_total": "Accepted (and emitted) drafts of finished requests",
+            "draft_nodes_total": "Draft tokens the AR view verified (chain: K-1 a cycle; tree: "
+                                 "the tree's nodes) for finished requests",
+            "depth_accepted_total": "Orthrus cycles of finished requests whose draft at this "
+                                    "depth (tree: the accepted path's node) was accepted and "
+                                    "emitted",
             "cancelled_total": "Requests cancelled (client gone, stop string) before the end",
         }
 
@@ -62,7 +67,13 @@ class Metrics:
             derived = {"acceptance_length": ("Accepted drafts per Orthrus cycle, bonus excluded",
                                              acc / cyc if cyc else 0.0),
                        "tokens_per_forward": ("Generated tokens per forward pass (TPF)",
-                                              tok / fwd if fwd else 0.0)}
+                                              tok / fwd if fwd else 0.0),
+                       "nodes_per_cycle": ("Draft tokens verified per Orthrus cycle",
+                                           self.counters.get(("draft_nodes_total", ""), 0.0)
+                                           / cyc if cyc else 0.0)}
+            depth = sorted(((lab, v / cyc if cyc else 0.0) for (n, lab), v in
+                            self.counters.items() if n == "depth_accepted_total"),
+                           key=lambda lv: int(lv[0].split('"')[1]))
             cum, bucket_lines = 0, []
             for b, c in zip(TTFT_BUCKETS + (float("inf"),), self.ttft):
                 cum += c
@@ -73,6 +84,9 @@ class Metrics:
         for name, (hlp, value) in derived.items():
             lines += [f"# HELP {PREFIX}_{name} {hlp}", f"# TYPE {PREFIX}_{name} gauge",
                       f"{PREFIX}_{name} {value:g}"]
+        lines += [f"# HELP {PREFIX}_depth_acceptance Orthrus cycles whose draft at this depth was "
+                  "accepted, per cycle", f"# TYPE {PREFIX}_depth_acceptance gauge"]
+        lines += [f"{PREFIX}_depth_acceptance{lab} {v:g}" for lab, v in depth]
         for name, (hlp, fn) in sorted(self.gauges.items()):
             lines += [f"# HELP {PREFIX}_{name} {hlp}", f"# TYPE {PREFIX}_{name} gauge",
                       f"{PREFIX}_{name} {float(fn()):g}"]  # type: ignore[operator]

@@ -1,7 +1,8 @@
 """python -m infer.serve: an OpenAI-compatible server on the continuous-batching engine.
 
     python -m infer.serve [--model DIR] [--served-model-name NAME] [--host 127.0.0.1]
-        [--port 8000] [--slots N] [--max-len N] [--mode orthrus|ar] [--api-key KEY]
+        [--port 8000] [--slots N] [--max-len N] [--mode orthrus|ar] [--verify chain|tree]
+        [--tree-budget N] [--api-key KEY]
 
 POST /v1/completions and /v1/chat/completions (stream or not), GET /v1/models, /health and
 /metrics (Prometheus text). One background thread runs the engine (infer.engine.Engine); HTTP
@@ -45,6 +46,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="orthrus: diffusion draft + AR verify (default); ar: one token per pass")
     p.add_argument("--block-size", type=int, default=None,
                    help="K, tokens per draft block; default: the model's block_size")
+    p.add_argument("--verify", choices=("chain", "tree"), default="chain",
+                   help="orthrus: chain = verify the K-1 top drafts (default); tree = verify a "
+                        "draft tree of --tree-budget nodes in one AR pass (greedy: same output; "
+                        "sampling: exact)")
+    p.add_argument("--tree-budget", type=int, default=None,
+                   help="with --verify tree: draft nodes verified per cycle besides the anchor "
+                        "(default K-1, the chain's count)")
     p.add_argument("--dtype", type=parse_dtype, default=None,
                    help="weights and KV cache precision: fp32, bf16 or fp16 (default bf16 on "
                         "GPU/TPU, fp32 on CPU)")
@@ -232,6 +240,9 @@ class Server:
             m.inc("draft_cycles_total", res.stats.cycles)
             m.inc("accepted_drafts_total", sum(i * c for i, c in
                                                enumerate(res.stats.acceptance_hist)))
+            m.inc("draft_nodes_total", r.nodes)
+            for d, c in enumerate(r.pos_acc if r.pos_acc is not None else []):
+                m.inc("depth_accepted_total", int(c), label=f'{{depth="{d + 1}"}}')
         if r.finish_reason == "cancelled":
             m.inc("cancelled_total")
         if r.t_first is not None:
@@ -463,13 +474,16 @@ def serve(args: argparse.Namespace) -> int:
                           f"max_position_embeddings {cfg.max_position_embeddings}")
     dtype = jnp.dtype(args.dtype or default_compute_dtype())
     k = int(args.block_size or cfg.block_size) if args.mode == "orthrus" else 1
+    if args.mode == "orthrus" and args.verify == "tree":  # a cycle's AR pass covers the tree
+        k = max(k, 1 + (k - 1 if args.tree_budget is None else args.tree_budget))
     check_fits(cfg, args.slots, args.max_len, jnp.dtype(dtype).itemsize, k, jax.devices()[0])
     tok = text.load_tokenizer(model_dir)
     cfg, params = load_any_model(model_dir, dtype)
     chunk = min(args.prefill_chunk, E.chunk_width(args.max_len))
     try:
         engine = E.Engine(params, cfg, slots=args.slots, max_len=args.max_len, mode=args.mode,
-                          block_size=args.block_size, steps=args.steps, chunk=chunk)
+                          block_size=args.block_size, steps=args.steps, chunk=chunk,
+                          verify=args.verify, tree_budget=args.tree_budget)
     except E.GenerationError as err:
         raise ConfigError(str(err)) from None
     srv = Server(args, model_dir, name, engine, tok)
@@ -482,7 +496,9 @@ def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     app = create_app(srv)
-    print(f"[serve] {name} ({args.mode}, {args.slots} slots x {args.max_len} positions, top_k "
+    mode = f"{args.mode}, tree of {engine.spec.tree_budget}" if engine.spec.verify == "tree" \
+        else args.mode
+    print(f"[serve] {name} ({mode}, {args.slots} slots x {args.max_len} positions, top_k "
           f"<= {engine.spec.top_k_cap}) on http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown (stop accepting, let requests in

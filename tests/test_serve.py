@@ -1,8 +1,10 @@
 """python -m infer.serve with the real openai client, against servers started on 127.0.0.1.
 
-One server (Orthrus mode, K 8, 4 slots x 128 positions, --api-key) on a copy of the micro model
+One server (Orthrus mode, K 8, --verify tree of 12 nodes, 4 slots x 128 positions, --api-key; the
+chain is the engine tests' default) on a copy of the micro model
 with a ChatML template serves: completions and chat, streamed and not, equal to HF transformers
-generate (fp32) for 64 concurrent greedy requests; stop strings; every bad input (4xx, OpenAI
+generate (fp32) for 64 concurrent greedy requests (and /metrics shows the tree's nodes per cycle
+and per-depth acceptance); stop strings; every bad input (4xx, OpenAI
 error JSON, and the next request unharmed); a client that disconnects mid-stream (its slot freed
 within one engine step); the key. A second start on the same persistent compilation cache
 compiles nothing (the cache's own hit/miss events), answers 429 past its queue bound, and on
@@ -36,7 +38,8 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_
           "{% if enable_thinking is defined and enable_thinking is false %}"
           "<think>\n\n</think>\n\n{% endif %}{% endif %}")
 SERVER_ARGS = ["--served-model-name", NAME, "--slots", "4", "--max-len", str(MAX_LEN),
-               "--prefill-chunk", "32", "--mode", "orthrus", "--block-size", "8"]
+               "--prefill-chunk", "32", "--mode", "orthrus", "--block-size", "8",
+               "--verify", "tree", "--tree-budget", "12"]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
@@ -205,6 +208,7 @@ def test_64_concurrent_greedy_equal_hf(server, hf, tok):
     with open(DEV_PROMPTS) as f:
         prompts = [text.encode(tok, json.loads(line)["prompt"])[-100:] for line in f][:64]
     refs = [generate(p) for p in prompts]
+    before = server.metrics()
 
     async def run():
         client = openai.AsyncOpenAI(base_url=server.base + "/v1", api_key=KEY, max_retries=0)
@@ -217,6 +221,12 @@ def test_64_concurrent_greedy_equal_hf(server, hf, tok):
     assert [o.usage.completion_tokens for o in out] == [len(r) for r in refs]
     assert [o.choices[0].text for o in out] == [text.decode(tok, r) for r in refs]
     assert [o.choices[0].finish_reason for o in out] == [_finish(r) for r in refs]
+    m = server.metrics()
+    cycles = m["orthrus_draft_cycles_total"] - before["orthrus_draft_cycles_total"]
+    assert m["orthrus_draft_nodes_total"] - before["orthrus_draft_nodes_total"] == 12 * cycles > 0
+    depth = [m[f'orthrus_depth_acceptance{{depth="{d}"}}'] for d in range(1, 8)]
+    assert depth[0] > 0 and all(a >= b for a, b in zip(depth, depth[1:]))
+    assert m["orthrus_acceptance_length"] == pytest.approx(sum(depth), rel=1e-4)
 
 
 def test_stop_string_and_seed(client):
