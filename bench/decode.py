@@ -29,7 +29,7 @@ from bench import common
 from infer import decoder
 from orthrus_jax import paths
 from orthrus_jax.checkpoint import load_any_model
-from orthrus_jax.cli import ArgumentParser, parse_dtype
+from orthrus_jax.cli import ArgumentParser, add_verify_arguments, parse_dtype
 
 ENGINES = ("hf", "ar", "orthrus")
 LABELS = {"hf": "HF transformers generate", "ar": "ours, AR mode", "orthrus": "ours, Orthrus"}
@@ -400,10 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--block-size", type=int, default=None, help="K (default: the model's)")
-    p.add_argument("--verify", choices=("chain", "tree"), default="chain",
-                   help="Orthrus verification: chain (K-1 drafts) or tree (a draft tree)")
-    p.add_argument("--tree-budget", type=int, default=None,
-                   help="with --verify tree: draft nodes per cycle (default K-1)")
+    add_verify_arguments(p)
     p.add_argument("--dtype", default="float32", type=parse_dtype,
                    help="compute dtype for ours and HF: fp32 (default: exact matching), bf16 or "
                         "fp16 (float32, bfloat16, float16 accepted); below fp32 our AR is also "

@@ -11,8 +11,8 @@ import sys
 from typing import Sequence
 
 from orthrus_jax.cli import (
-    ArgumentParser, add_parallel_arguments, check_parallel_arguments, default_compute_dtype,
-    parse_dtype,
+    ArgumentParser, add_parallel_arguments, add_verify_arguments, check_parallel_arguments,
+    default_compute_dtype, parse_dtype,
 )
 
 
@@ -59,13 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs in (default 0)")
     p.add_argument("--mode", choices=("orthrus", "ar"), default="orthrus",
                    help="orthrus: diffusion draft + AR verify (default); ar: one token per pass")
-    p.add_argument("--verify", choices=("chain", "tree"), default="chain",
-                   help="orthrus: chain = verify the K-1 top drafts (default); tree = verify a draft "
-                        "tree of --tree-budget nodes built from the diffusion view's per-position "
-                        "distributions in one AR pass (greedy: same output; sampling: exact)")
-    p.add_argument("--tree-budget", type=int, default=None,
-                   help="with --verify tree: draft nodes verified per cycle besides the anchor "
-                        "(default K-1, the chain's count)")
+    add_verify_arguments(p)
     p.add_argument("--block-size", type=int, default=None,
                    help="K, tokens per draft block (anchor + K-1 drafts); default: the model's "
                         "block_size (32); 4, 8, 16 also work")

@@ -24,7 +24,8 @@ from typing import Any, AsyncIterator, Sequence
 
 from starlette.requests import Request  # FastAPI resolves handler annotations at module level
 
-from orthrus_jax.cli import ArgumentParser, default_compute_dtype, parse_dtype
+from orthrus_jax.cli import (ArgumentParser, add_verify_arguments, default_compute_dtype,
+                             parse_dtype)
 from orthrus_jax.paths import DEMO_MODEL_DIR, default_path
 
 GIB = 1024 ** 3
@@ -46,13 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="orthrus: diffusion draft + AR verify (default); ar: one token per pass")
     p.add_argument("--block-size", type=int, default=None,
                    help="K, tokens per draft block; default: the model's block_size")
-    p.add_argument("--verify", choices=("chain", "tree"), default="chain",
-                   help="orthrus: chain = verify the K-1 top drafts (default); tree = verify a "
-                        "draft tree of --tree-budget nodes in one AR pass (greedy: same output; "
-                        "sampling: exact)")
-    p.add_argument("--tree-budget", type=int, default=None,
-                   help="with --verify tree: draft nodes verified per cycle besides the anchor "
-                        "(default K-1, the chain's count)")
+    add_verify_arguments(p)
     p.add_argument("--dtype", type=parse_dtype, default=None,
                    help="weights and KV cache precision: fp32, bf16 or fp16 (default bf16 on "
                         "GPU/TPU, fp32 on CPU)")

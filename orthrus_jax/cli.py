@@ -83,6 +83,19 @@ def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
                              "or the cluster's auto-detection); every host runs the same command")
 
 
+def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
+    """--verify chain|tree and --tree-budget N (Orthrus verification: the K-1 top drafts, or a
+    draft tree of N nodes)."""
+    parser.add_argument("--verify", choices=("chain", "tree"), default="chain",
+                        help="orthrus: chain = verify the K-1 top drafts (default); tree = verify "
+                             "a draft tree of --tree-budget nodes built from the diffusion view's "
+                             "per-position distributions in one AR pass (greedy: same output; "
+                             "sampling: exact)")
+    parser.add_argument("--tree-budget", type=int, default=None,
+                        help="with --verify tree: draft nodes verified per cycle besides the "
+                             "anchor (default K-1, the chain's count)")
+
+
 def check_parallel_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag in ("tensor_parallel_size", "data_parallel_size"):
         if getattr(args, flag) < 1:
