@@ -3,13 +3,15 @@
 
     python -m bench.serve [--model checkpoints/demo] [--hf-dir testbed/micro-qwen3]
         [--concurrency 1,4,16,32] [--num-prompts 32] [--max-tokens 64] [--modes ar,orthrus]
+        [--tree-budget N]
 
 For each server (one at a time: each is stopped before the next starts, so they never share
 the CPU) and each sampling setting (greedy; T 0.7 / top-p 0.8 / top-k 20), every concurrency c
 runs --num-prompts streamed completions of the dev prompts with c in flight: output tokens/s,
 requests/s, time to first token (TTFT) and inter-token latency (ITL: per request, (last text
 chunk - first text chunk) / (tokens - 1)) at p50 and p99, and (ours) the acceptance length from
-/metrics. Server logs go to a temporary directory (printed). Records JSON, markdown and a PNG under bench/results.
+/metrics. --modes may add `tree`: Orthrus with --verify tree (--tree-budget nodes, default K-1),
+with its nodes verified per cycle. Server logs go to a temporary directory (printed). Records JSON, markdown and a PNG under bench/results.
 Targets (reported, never asserted): our AR >= 5x the peer's output tokens/s at concurrency 16,
 with a lower p99 TTFT.
 """
@@ -35,6 +37,7 @@ from bench import common
 from orthrus_jax import paths
 from orthrus_jax.cli import ArgumentParser
 
+MODES = ("ar", "orthrus", "tree")  # tree: orthrus with --verify tree
 SETTINGS = {"greedy": {"temperature": 0.0},
             "t0.7-p0.8-k20": {"temperature": 0.7, "top_p": 0.8, "top_k": 20}}
 
@@ -171,6 +174,9 @@ def bench_server(name: str, cmd: list[str], port: int, model: str, prompts: list
                 acc = m1.get("orthrus_accepted_drafts_total", 0) - m0.get(
                     "orthrus_accepted_drafts_total", 0)
                 row["acceptance_length"] = acc / cyc if cyc else None
+                nodes = m1.get("orthrus_draft_nodes_total", 0) - m0.get(
+                    "orthrus_draft_nodes_total", 0)
+                row["nodes_per_cycle"] = nodes / cyc if cyc else None
                 rows.append(row)
                 al = f", AL {row['acceptance_length']:.3f}" if row["acceptance_length"] else ""
                 print(f"{name:12s} {sname:14s} c={c:3d} {row['output_tok_s']:8.1f} tok/s "
@@ -188,11 +194,12 @@ def markdown(record: dict[str, Any]) -> str:
     rows = [[r["server"], r["setting"], r["concurrency"], f"{r['output_tok_s']:.1f}",
              f"{r['req_s']:.2f}", f"{r['ttft_p50_s']:.3f}", f"{r['ttft_p99_s']:.3f}",
              f"{r['itl_p50_s'] or 0:.4f}", f"{r['itl_p99_s'] or 0:.4f}",
-             "" if r["acceptance_length"] is None else f"{r['acceptance_length']:.3f}"]
+             "" if r["acceptance_length"] is None else f"{r['acceptance_length']:.3f}",
+             "" if r.get("nodes_per_cycle") is None else f"{r['nodes_per_cycle']:.1f}"]
             for r in record["runs"]]
     lines.append(common.md_table(["server", "setting", "conc.", "out tok/s", "req/s",
-                                  "TTFT p50 s", "TTFT p99 s", "ITL p50 s", "ITL p99 s", "AL"],
-                                 rows))
+                                  "TTFT p50 s", "TTFT p99 s", "ITL p50 s", "ITL p99 s", "AL",
+                                  "nodes/cycle"], rows))
     lines.append("\n## Targets\n")
     lines += [f"- {t['status']} {t['target']}: {t['detail']}" for t in record["targets"]]
     return "\n".join(lines) + "\n"
@@ -231,10 +238,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise common.UsageError(f"--concurrency {args.concurrency!r}: comma-separated "
                                 "integers") from None
     modes = [m for m in args.modes.split(",") if m]
-    if not args.concurrency or min(args.concurrency) < 1 or any(m not in ("ar", "orthrus")
-                                                                for m in modes):
+    if not args.concurrency or min(args.concurrency) < 1 or any(m not in MODES for m in modes):
         raise common.UsageError("--concurrency needs integers >= 1, --modes a subset of "
-                                "ar,orthrus")
+                                + ",".join(MODES))
     record = common.header("serve", args)
     tok = load_tokenizer(args.model)
     with open(args.prompts) as f:
@@ -249,8 +255,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for mode in modes:
         port = _free_port()
         cmd = [sys.executable, "-m", "infer.serve", "--model", args.model, "--port", str(port),
-               "--mode", mode, "--slots", str(slots), "--max-len", str(args.max_len),
-               "--served-model-name", "ours", "--max-queue", "1024"]
+               "--mode", "ar" if mode == "ar" else "orthrus", "--slots", str(slots),
+               "--max-len", str(args.max_len), "--served-model-name", "ours", "--max-queue",
+               "1024"]
+        if mode == "tree":
+            cmd += ["--verify", "tree"] + ([] if args.tree_budget is None
+                                           else ["--tree-budget", str(args.tree_budget)])
         runs += bench_server(f"ours-{mode}", cmd, port, "ours", prompts, args, tok,
                              os.path.join(log_dir, f"serve-{mode}.log"))
     if args.peer:
@@ -302,7 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=64, help="max_tokens per request")
     p.add_argument("--max-len", type=int, default=512, help="our --max-len (default 512)")
     p.add_argument("--concurrency", default="1,4,16,32")
-    p.add_argument("--modes", default="ar,orthrus", help="our server modes, subset of ar,orthrus")
+    p.add_argument("--modes", default="ar,orthrus",
+                   help="our server modes, subset of ar,orthrus,tree (tree: orthrus with "
+                        "--verify tree)")
+    p.add_argument("--tree-budget", type=int, default=None,
+                   help="mode tree: draft nodes per cycle (default K-1)")
     p.add_argument("--no-peer", dest="peer", action="store_false",
                    help="skip transformers serve")
     p.add_argument("--out-dir", default=common.DEFAULT_OUT_DIR)
