@@ -30,6 +30,13 @@ K/V stay out of the cache except the accepted path's (at most K entries from the
 like the chain's block), and entries past max_len belong to tokens max_new_tokens cuts anyway.
 Per-slot statistics (cycles, acceptance histogram, per-depth acceptance, nodes verified, tree
 walk counts) are reset when a request is inserted.
+
+On a device mesh (orthrus_jax.sharding.inference_mesh: --tensor-parallel-size and
+--data-parallel-size) every program is one SPMD program over the mesh: weights by the inference
+rules (whole heads and the MLP over "tensor"), the slot cache over KV heads ("tensor", when they
+divide) and slots ("data"), every per-slot array over slots. Host inputs enter as global arrays
+and results leave through orthrus_jax.sharding.to_host, so with several processes
+(jax.distributed) each one runs the same host loop on the same values.
 """
 from __future__ import annotations
 
@@ -45,8 +52,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import NamedSharding, PartitionSpec as P
+
 from infer.decoder import (MODES, TRACE_COUNTS, VERIFY, GenerationError, GenerationResult,
                            _check_prompts, _row_stats, length_bucket, tree_cycle)
+from orthrus_jax import sharding as shd
 from orthrus_jax import spec as S
 from orthrus_jax.cache import KVCache, init_cache
 from orthrus_jax.config import Qwen3Config
@@ -71,6 +81,7 @@ class EngineSpec:
     eos_ids: tuple[int, ...] = ()
     verify: str = "chain"  # orthrus: "chain" (K-1 drafts) or "tree" (tree_budget nodes)
     tree_budget: int = 0  # draft nodes per cycle besides the anchor (verify="tree")
+    mesh: Any = None  # an inference mesh: slots over "data", heads and MLP over "tensor"
 
     @property
     def nodes(self) -> int:
@@ -112,16 +123,33 @@ class StepOut:
     steps: Array       # int32[]: cycles run
 
 
+def state_shardings(spec: EngineSpec, state: SlotState) -> Any:
+    """NamedShardings of a SlotState on spec.mesh: the cache over slots (data) and KV heads
+    (tensor), every per-slot array over slots."""
+    kv, length = shd.cache_specs(spec.cfg, spec.mesh, spec.slots)
+    rows = {f.name: NamedSharding(spec.mesh, shd.row_spec(spec.mesh, getattr(state, f.name).shape))
+            for f in dataclasses.fields(state) if f.name != "cache"}
+    on = lambda pspec: NamedSharding(spec.mesh, pspec)  # noqa: E731
+    return state.replace(cache=state.cache.replace(k=on(kv), v=on(kv), length=on(length)), **rows)
+
+
+def _constrain(spec: EngineSpec, state: SlotState) -> SlotState:
+    if spec.mesh is None:
+        return state
+    return jax.tree_util.tree_map(jax.lax.with_sharding_constraint, state,
+                                  state_shardings(spec, state))
+
+
 def init_state_fn(spec: EngineSpec, dtype: Any) -> SlotState:
     s, k = spec.slots, spec.block_size
     cache = init_cache(spec.cfg, s, spec.max_len, dtype)
     zi = jnp.zeros((s,), jnp.int32)
-    return SlotState(
+    return _constrain(spec, SlotState(
         cache=cache.replace(length=jnp.full((s,), spec.max_len, jnp.int32)), anchor=zi,
         active=jnp.zeros((s,), bool), n_out=zi, max_new=zi, temperature=jnp.zeros((s,)),
         top_p=jnp.ones((s,)), top_k=zi, key=jnp.zeros((s, 2), jnp.uint32), cycles=zi,
         acc_hist=jnp.zeros((s, k), jnp.int32), pos_acc=jnp.zeros((s, max(k - 1, 1)), jnp.int32),
-        nodes=zi, judged=zi, accepted=zi)
+        nodes=zi, judged=zi, accepted=zi))
 
 
 def _processed(spec: EngineSpec, state: SlotState, logits: Array) -> Array:
@@ -150,6 +178,45 @@ def _eos(spec: EngineSpec, tokens: Array) -> Array:
     return hit
 
 
+def _prefill_rows(params: Any, spec: EngineSpec, k: Array, v: Array, tokens: Array, slot: Array,
+                  start: Array, n_valid: Array, write: Any = True) -> tuple[Array, Array, Array]:
+    """Prefill tokens [1, C] into row `slot` of k/v [layers, slots, ...] (the row is kept as it
+    was where `write` is false): (k, v, hidden of the last valid token [1, D])."""
+    old_k = jax.lax.dynamic_slice_in_dim(k, slot, 1, axis=1)
+    old_v = jax.lax.dynamic_slice_in_dim(v, slot, 1, axis=1)
+    row = KVCache(k=old_k, v=old_v, length=start.reshape(1).astype(jnp.int32))
+    hidden, row = ar_forward(params, spec.cfg, tokens, row)
+    k = jax.lax.dynamic_update_slice_in_dim(k, jnp.where(write, row.k, old_k), slot, axis=1)
+    v = jax.lax.dynamic_update_slice_in_dim(v, jnp.where(write, row.v, old_v), slot, axis=1)
+    return k, v, jax.lax.dynamic_index_in_dim(hidden[0], n_valid - 1, axis=0, keepdims=True)
+
+
+def _prefill_slot(params: Any, spec: EngineSpec, k: Array, v: Array, tokens: Array,
+                  slot: Array, start: Array, n_valid: Array) -> tuple[Array, Array, Array]:
+    """_prefill_rows; with slots split over a data axis, inside a shard_map over it: each data
+    group works on its own slots (the owner writes its row, the others keep theirs) and the
+    owner's hidden state is summed over the groups. A global slice of the cache at a traced slot
+    would gather the whole cache onto every device."""
+    mesh = spec.mesh
+    if mesh is None or mesh.shape["data"] == 1:
+        return _prefill_rows(params, spec, k, v, tokens, slot, start, n_valid)
+
+    def local(params, k, v, tokens, slot, start, n_valid):
+        n = k.shape[1]
+        loc = slot - jax.lax.axis_index("data") * n
+        mine = (loc >= 0) & (loc < n)
+        k, v, last = _prefill_rows(params, spec, k, v, tokens, jnp.clip(loc, 0, n - 1), start,
+                                   n_valid, write=mine)
+        return k, v, jax.lax.psum(jnp.where(mine, last, 0).astype(jnp.float32), "data")
+
+    rows = P(None, "data")
+    k, v, last = jax.shard_map(
+        local, mesh=mesh, axis_names={"data"}, check_vma=False,
+        in_specs=(P(), rows, rows, P(), P(), P(), P()), out_specs=(rows, rows, P()))(
+            params, k, v, tokens, slot, start, n_valid)
+    return k, v, last.astype(params["embed"].dtype)
+
+
 def insert_chunk_fn(params: Any, spec: EngineSpec, state: SlotState, tokens: Array, slot: Array,
                     start: Array, n_valid: Array, final: Array, req: dict[str, Array]
                     ) -> tuple[SlotState, Array, Array]:
@@ -161,13 +228,8 @@ def insert_chunk_fn(params: Any, spec: EngineSpec, state: SlotState, tokens: Arr
     """
     TRACE_COUNTS["insert"] += 1
     c = state.cache
-    row = KVCache(k=jax.lax.dynamic_slice_in_dim(c.k, slot, 1, axis=1),
-                  v=jax.lax.dynamic_slice_in_dim(c.v, slot, 1, axis=1),
-                  length=start.reshape(1).astype(jnp.int32))
-    hidden, row = ar_forward(params, spec.cfg, tokens, row)
-    cache = c.replace(k=jax.lax.dynamic_update_slice_in_dim(c.k, row.k, slot, axis=1),
-                      v=jax.lax.dynamic_update_slice_in_dim(c.v, row.v, slot, axis=1))
-    last = jax.lax.dynamic_index_in_dim(hidden[0], n_valid - 1, axis=0, keepdims=True)
+    k, v, last = _prefill_slot(params, spec, c.k, c.v, tokens, slot, start, n_valid)
+    cache = c.replace(k=k, v=v)
     one = state.replace(temperature=req["temperature"][None], top_p=req["top_p"][None],
                         top_k=req["top_k"][None])
     prompt_len = (start + n_valid).astype(jnp.int32)
@@ -187,7 +249,7 @@ def insert_chunk_fn(params: Any, spec: EngineSpec, state: SlotState, tokens: Arr
         key=put(state.key, req["key"]), cycles=put(state.cycles, 0),
         acc_hist=put(state.acc_hist, 0), pos_acc=put(state.pos_acc, 0),
         nodes=put(state.nodes, 0), judged=put(state.judged, 0), accepted=put(state.accepted, 0))
-    return state, first, done
+    return _constrain(spec, state), first, done
 
 
 def cycle_fn(params: Any, spec: EngineSpec, state: SlotState
@@ -257,7 +319,7 @@ def cycle_fn(params: Any, spec: EngineSpec, state: SlotState
         nodes=state.nodes + jnp.where(active, n_nodes, 0),
         judged=state.judged + jnp.where(active, judged, 0),
         accepted=state.accepted + jnp.where(active, n_acc, 0))
-    return state, block, n_emit, finished
+    return _constrain(spec, state), block, n_emit, finished
 
 
 def generate_fn(params: Any, spec: EngineSpec, state: SlotState, limit: Array
@@ -288,8 +350,9 @@ def generate_fn(params: Any, spec: EngineSpec, state: SlotState, limit: Array
 def release_fn(spec: EngineSpec, state: SlotState, mask: Array) -> SlotState:
     """Deactivate and park the slots in mask (cancelled requests)."""
     c = state.cache
-    return state.replace(active=state.active & ~mask,
-                         cache=c.replace(length=jnp.where(mask, spec.max_len, c.length)))
+    return _constrain(spec, state.replace(
+        active=state.active & ~mask, cache=c.replace(length=jnp.where(mask, spec.max_len,
+                                                                        c.length))))
 
 
 init_state_jit = jax.jit(init_state_fn, static_argnums=(0, 1))
@@ -362,7 +425,9 @@ class Engine:
                  mode: str = "orthrus", block_size: int | None = None, steps: int | None = None,
                  chunk: int = 256, top_k_cap: int = TOP_K_CAP,
                  eos_token_ids: Sequence[int] | None = None, verify: str = "chain",
-                 tree_budget: int | None = None):
+                 tree_budget: int | None = None, mesh: Any = None):
+        """mesh: an inference mesh (orthrus_jax.sharding.inference_mesh) with params already
+        placed on it (load_any_model(..., mesh, inference=True) or sharding.place_params)."""
         if mode not in MODES:
             raise GenerationError(f"mode must be one of {MODES}, got {mode!r}")
         if verify not in VERIFY:
@@ -382,12 +447,18 @@ class Engine:
                                   f"model's max_position_embeddings), got {max_len}")
         if chunk != chunk_width(chunk):
             raise GenerationError(f"chunk must be a power of two >= 32, got {chunk}")
+        if mesh is not None:
+            shd.check_tensor_heads(cfg, mesh.shape["tensor"])
+            if slots % mesh.shape["data"]:
+                raise GenerationError(f"slots ({slots}) must be divisible by the data parallel "
+                                      f"size ({mesh.shape['data']})")
         eos = tuple(int(e) for e in (cfg.eos_token_ids if eos_token_ids is None
                                      else eos_token_ids))
         steps = steps or (8 if mode == "orthrus" else 16)
         self.spec = EngineSpec(cfg=cfg, mode=mode, block_size=k, slots=slots, max_len=max_len,
                                steps=steps, chunk=chunk, top_k_cap=top_k_cap, eos_ids=eos,
-                               verify=verify, tree_budget=budget if verify == "tree" else 0)
+                               verify=verify, tree_budget=budget if verify == "tree" else 0,
+                               mesh=mesh)
         self.params, self.cfg = params, cfg
         self.state = init_state_jit(self.spec, params["embed"].dtype)
         self.slots: list[Request | None] = [None] * slots
@@ -396,6 +467,19 @@ class Engine:
         self.step_count = 0  # generate calls
         self.cycle_count = 0
         self.cancel_steps: list[int] = []  # per cancelled request: steps from cancel to free
+
+    def _put(self, tree: Any) -> Any:
+        """Host inputs of a program: as they are on one device, replicated global arrays on a
+        mesh (every process passes the same values)."""
+        if self.spec.mesh is None:
+            return tree
+        rep = NamedSharding(self.spec.mesh, P())
+        return jax.tree_util.tree_map(lambda x: shd.put_global(np.asarray(x), rep), tree)
+
+    @staticmethod
+    def _get(tree: Any) -> Any:
+        """Program outputs in host memory (gathered across processes where needed)."""
+        return jax.tree_util.tree_map(shd.to_host, tree)
 
     # -- requests ------------------------------------------------------------------------------
 
@@ -468,7 +552,8 @@ class Engine:
         self.submit(Request([0], min(2, self.spec.max_len - 1)))
         while self.has_work():
             self.run_once()
-        self.state = release_jit(self.spec, self.state, jnp.zeros((self.spec.slots,), bool))
+        self.state = release_jit(self.spec, self.state,
+                                 self._put(np.zeros((self.spec.slots,), bool)))
         self.step_count = self.cycle_count = 0
 
     def fail_all(self) -> None:
@@ -516,7 +601,7 @@ class Engine:
                 self.cancel_steps.append(self.step_count - (r.cancel_step or 0))
                 self._finish(r, "cancelled")
         if mask.any():
-            self.state = release_jit(self.spec, self.state, jnp.asarray(mask))
+            self.state = release_jit(self.spec, self.state, self._put(mask))
 
     def _admit(self) -> None:
         with self.lock:
@@ -536,12 +621,11 @@ class Engine:
         req = {"max_new": np.int32(r.max_new_tokens), "temperature": np.float32(r.temperature),
                "top_p": np.float32(r.top_p), "top_k": np.int32(r.top_k),
                "key": seed_key(int(r.seed or 0))}
-        self.state, first, done = insert_jit(self.params, self.spec, self.state, tokens,
-                                             np.int32(r.slot), np.int32(start), np.int32(take),
-                                             np.bool_(final), req)
+        self.state, first, done = insert_jit(self.params, self.spec, self.state, *self._put(
+            (tokens, np.int32(r.slot), np.int32(start), np.int32(take), np.bool_(final), req)))
         r.prefilled = start + take
         if final:
-            first, done = int(first), bool(done)
+            first, done = (x.item() for x in self._get((first, done)))
             r.t_first = time.perf_counter()
             self._deliver(r, [first])
             if done:
@@ -554,15 +638,15 @@ class Engine:
         waiting = bool(self.waiting) or any(r is not None and r.prefilled < len(r.prompt)
                                             for r in self.slots)
         limit = max(1, self.spec.steps // 4) if waiting else self.spec.steps
-        self.state, out = generate_jit(self.params, self.spec, self.state, np.int32(limit))
-        host = jax.device_get({"tokens": out.tokens, "n_new": out.n_new,
-                               "finished": out.finished, "steps": out.steps})
+        self.state, out = generate_jit(self.params, self.spec, self.state,
+                                       self._put(np.int32(limit)))
+        host = self._get({"tokens": out.tokens, "n_new": out.n_new, "finished": out.finished,
+                          "steps": out.steps})
         self.step_count += 1
         self.cycle_count += int(host["steps"])
         fin = [s for s in range(self.spec.slots) if host["finished"][s]]
-        stats = jax.device_get({"cycles": self.state.cycles, "hist": self.state.acc_hist,
-                                "pos": self.state.pos_acc, "nodes": self.state.nodes}
-                               ) if fin else None
+        stats = self._get({"cycles": self.state.cycles, "hist": self.state.acc_hist,
+                           "pos": self.state.pos_acc, "nodes": self.state.nodes}) if fin else None
         for s, r in enumerate(self.slots):
             if r is None or r.prefilled < len(r.prompt):
                 continue
@@ -605,12 +689,13 @@ def generate_all(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]]
                  block_size: int | None = None, slots: int = 8, max_len: int | None = None,
                  eos_token_ids: Sequence[int] | None = None, verify: str = "chain",
                  tree_budget: int | None = None,
-                 on_tokens: Callable[[int, list[int]], None] | None = None
-                 ) -> list[GenerationResult]:
+                 on_tokens: Callable[[int, list[int]], None] | None = None,
+                 mesh: Any = None) -> list[GenerationResult]:
     """Generate for a list of prompts through one Engine (continuous batching; results in prompt
     order). Prompt i samples with seed + i. max_len: the cache (default: the longest prompt plus
     max_new_tokens, rounded up to a length bucket, within the model's limit). verify "tree":
-    a draft tree of tree_budget nodes per cycle (default K-1) instead of the chain."""
+    a draft tree of tree_budget nodes per cycle (default K-1) instead of the chain. mesh: an
+    inference mesh with params placed on it (slots rounded up to a multiple of its data size)."""
     prompts = [list(map(int, p)) for p in prompts]
     if max_new_tokens < 0:
         raise GenerationError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
@@ -626,9 +711,11 @@ def generate_all(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]]
     if max_len is None:
         need = max(len(p) for p in prompts) + max_new_tokens
         max_len = min(length_bucket(need), cfg.max_position_embeddings)
-    eng = Engine(params, cfg, slots=min(slots, len(prompts)), max_len=max_len, mode=mode,
-                 block_size=block_size, eos_token_ids=eos_token_ids, verify=verify,
-                 tree_budget=tree_budget)
+    slots = min(slots, len(prompts))
+    if mesh is not None:
+        slots = -(-slots // mesh.shape["data"]) * mesh.shape["data"]
+    eng = Engine(params, cfg, slots=slots, max_len=max_len, mode=mode, block_size=block_size,
+                 eos_token_ids=eos_token_ids, verify=verify, tree_budget=tree_budget, mesh=mesh)
     index: dict[int, int] = {}
     reqs = []
     for i, p in enumerate(prompts):

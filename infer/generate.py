@@ -161,11 +161,7 @@ def run(args: argparse.Namespace) -> int:
               top_k=args.top_k, top_p=args.top_p, seed=args.seed, block_size=args.block_size,
               max_len=args.max_len, verify=args.verify, tree_budget=args.tree_budget,
               on_tokens=on_tokens)
-    if mesh is not None:
-        # device meshes run in the batch decoder (not the engine yet)
-        results = decoder.generate(params, cfg, ids, batch_size=args.batch_size, mesh=mesh, **kw)
-    else:
-        results = engine.generate_all(params, cfg, ids, slots=args.batch_size, **kw)
+    results = engine.generate_all(params, cfg, ids, slots=args.batch_size, mesh=mesh, **kw)
     total = time.perf_counter() - t0
     if not lead:
         return 0

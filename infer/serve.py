@@ -24,8 +24,8 @@ from typing import Any, AsyncIterator, Sequence
 
 from starlette.requests import Request  # FastAPI resolves handler annotations at module level
 
-from orthrus_jax.cli import (ArgumentParser, add_verify_arguments, default_compute_dtype,
-                             parse_dtype)
+from orthrus_jax.cli import (ArgumentParser, add_parallel_arguments, add_verify_arguments,
+                             default_compute_dtype, parse_dtype)
 from orthrus_jax.paths import DEMO_MODEL_DIR, default_path
 
 GIB = 1024 ** 3
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-warmup", action="store_true",
                    help="skip compiling the engine's programs before accepting requests")
     p.add_argument("--log-level", default="warning", help="uvicorn log level (default warning)")
+    add_parallel_arguments(p, distributed=False)  # this host's devices; slots over data
     return p
 
 
@@ -99,10 +100,16 @@ def memory_estimate(cfg: Any, slots: int, max_len: int, itemsize: int, k: int) -
     return {"kv_cache": kv, "weights": weights, "work": work}
 
 
-def check_fits(cfg: Any, slots: int, max_len: int, itemsize: int, k: int, device: Any) -> None:
+def check_fits(cfg: Any, slots: int, max_len: int, itemsize: int, k: int, device: Any,
+               tensor: int = 1, data: int = 1) -> None:
+    """On a tensor x data mesh, per device: the cache over slots (data) and KV heads (tensor,
+    when they divide), weights and work over tensor and data."""
     from orthrus_jax.config import ConfigError
 
     need = memory_estimate(cfg, slots, max_len, itemsize, k)
+    kv_split = tensor if cfg.num_kv_heads % tensor == 0 else 1
+    need = {"kv_cache": need["kv_cache"] // (data * kv_split),
+            "weights": need["weights"] // tensor, "work": need["work"] // data}
     free, where = available_memory(device)
     total = sum(need.values())
     if total > free:
@@ -455,30 +462,41 @@ def serve(args: argparse.Namespace) -> int:
     from orthrus_jax.checkpoint import load_any_model
     from orthrus_jax.config import ConfigError, load_config
     from orthrus_jax.paths import shipped
+    from orthrus_jax.sharding import inference_mesh
 
     model_dir = args.model or shipped(DEMO_MODEL_DIR, "--model")
     name = args.served_model_name or os.path.basename(os.path.normpath(model_dir))
     args.api_key = args.api_key or os.environ.get("ORTHRUS_API_KEY") or None
     for flag, value, lo in (("--slots", args.slots, 1), ("--max-len", args.max_len, 2),
-                            ("--max-queue", args.max_queue, 0), ("--port", args.port, 0)):
+                            ("--max-queue", args.max_queue, 0), ("--port", args.port, 0),
+                            ("--tensor-parallel-size", args.tensor_parallel_size, 1),
+                            ("--data-parallel-size", args.data_parallel_size, 1)):
         if value < lo:
             raise ConfigError(f"{flag} must be >= {lo}, got {value}")
     cfg = load_config(model_dir)
     if args.max_len > cfg.max_position_embeddings:
         raise ConfigError(f"--max-len {args.max_len} exceeds the model's "
                           f"max_position_embeddings {cfg.max_position_embeddings}")
+    tp, dp = args.tensor_parallel_size, args.data_parallel_size
+    mesh = None
+    if tp * dp > 1:
+        mesh = inference_mesh(cfg, tp, dp, jax.local_devices())
+        if args.slots % dp:
+            raise ConfigError(f"--slots {args.slots} must be divisible by --data-parallel-size "
+                              f"{dp}")
     dtype = jnp.dtype(args.dtype or default_compute_dtype())
     k = int(args.block_size or cfg.block_size) if args.mode == "orthrus" else 1
     if args.mode == "orthrus" and args.verify == "tree":  # a cycle's AR pass covers the tree
         k = max(k, 1 + (k - 1 if args.tree_budget is None else args.tree_budget))
-    check_fits(cfg, args.slots, args.max_len, jnp.dtype(dtype).itemsize, k, jax.devices()[0])
+    check_fits(cfg, args.slots, args.max_len, jnp.dtype(dtype).itemsize, k, jax.devices()[0],
+               tp, dp)
     tok = text.load_tokenizer(model_dir)
-    cfg, params = load_any_model(model_dir, dtype)
+    cfg, params = load_any_model(model_dir, dtype, mesh, inference=True)
     chunk = min(args.prefill_chunk, E.chunk_width(args.max_len))
     try:
         engine = E.Engine(params, cfg, slots=args.slots, max_len=args.max_len, mode=args.mode,
                           block_size=args.block_size, steps=args.steps, chunk=chunk,
-                          verify=args.verify, tree_budget=args.tree_budget)
+                          verify=args.verify, tree_budget=args.tree_budget, mesh=mesh)
     except E.GenerationError as err:
         raise ConfigError(str(err)) from None
     srv = Server(args, model_dir, name, engine, tok)
@@ -494,7 +512,8 @@ def serve(args: argparse.Namespace) -> int:
     mode = f"{args.mode}, tree of {engine.spec.tree_budget}" if engine.spec.verify == "tree" \
         else args.mode
     print(f"[serve] {name} ({mode}, {args.slots} slots x {args.max_len} positions, top_k "
-          f"<= {engine.spec.top_k_cap}) on http://{args.host}:{args.port}/v1", file=sys.stderr,
+          f"<= {engine.spec.top_k_cap}, tensor {tp} x data {dp}) on "
+          f"http://{args.host}:{args.port}/v1", file=sys.stderr,
           flush=True)
     # uvicorn turns SIGTERM/SIGINT into a graceful shutdown (stop accepting, let requests in
     # flight finish within --graceful-timeout, then the engine cancels the rest), and re-raises

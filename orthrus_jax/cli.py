@@ -70,13 +70,16 @@ def default_compute_dtype() -> str:
     return "bfloat16" if jax.default_backend() in ("gpu", "tpu") else "float32"
 
 
-def add_parallel_arguments(parser: argparse.ArgumentParser) -> None:
-    """vLLM's --tensor-parallel-size and --data-parallel-size (one program over a device mesh)."""
+def add_parallel_arguments(parser: argparse.ArgumentParser, distributed: bool = True) -> None:
+    """vLLM's --tensor-parallel-size and --data-parallel-size (one program over a device mesh),
+    and --distributed (multi-host) unless distributed is False."""
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                         help="split attention heads (whole heads) and the MLP over N devices "
                              "(default 1); the model's query heads must divide by N")
     parser.add_argument("--data-parallel-size", "-dp", type=int, default=1, metavar="N",
                         help="split batch rows over N groups of devices (default 1)")
+    if not distributed:
+        return
     parser.add_argument("--distributed", action="store_true",
                         help="multi-host: call jax.distributed.initialize() first (coordinator "
                              "from JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID "

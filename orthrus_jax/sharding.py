@@ -150,13 +150,18 @@ def inference_mesh(cfg: Qwen3Config, tensor: int = 1, data: int = 1, devices: An
     if tensor < 1 or data < 1:
         raise ConfigError(f"--tensor-parallel-size {tensor} / --data-parallel-size {data}: "
                           "both must be >= 1")
-    if cfg.num_heads % tensor:
-        raise ConfigError(f"--tensor-parallel-size {tensor}: total number of attention heads "
-                          f"({cfg.num_heads}) must be divisible by tensor parallel size ({tensor})")
+    check_tensor_heads(cfg, tensor)
     if data * tensor > len(devices):
         raise ConfigError(f"--tensor-parallel-size {tensor} x --data-parallel-size {data} needs "
                           f"{data * tensor} devices, {len(devices)} available")
     return make_mesh(data, 1, tensor, devices)
+
+
+def check_tensor_heads(cfg: Qwen3Config, tensor: int) -> None:
+    """Query heads must divide the tensor size (whole heads per device), as vLLM requires."""
+    if cfg.num_heads % tensor:
+        raise ConfigError(f"--tensor-parallel-size {tensor}: total number of attention heads "
+                          f"({cfg.num_heads}) must be divisible by tensor parallel size ({tensor})")
 
 
 def kv_heads_split(cfg: Qwen3Config, mesh: Mesh) -> bool:

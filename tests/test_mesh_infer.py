@@ -1,5 +1,6 @@
-"""Generation over a device mesh (--tensor-parallel-size / --data-parallel-size) equals one
-device token for token (fp32, 8 fake CPU devices); the sharding is the one documented."""
+"""Generation over a device mesh (--tensor-parallel-size / --data-parallel-size), in the batch
+decoder and in the continuous-batching engine, equals one device token for token (fp32, 8 fake
+CPU devices); the sharding is the one documented."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from infer import decoder
+from infer import decoder, engine
 from infer.decoder import generate
 from orthrus_jax import sharding as shd
 from orthrus_jax.config import ConfigError, Qwen3Config
@@ -62,6 +63,31 @@ def test_mesh_greedy_equals_one_device(tiny_params, tiny_ref, tensor, data):
     for mode in modes:
         got = generate(params, CFG, PROMPTS, mode=mode, max_new_tokens=12, batch_size=4, mesh=mesh)
         assert [r.token_ids for r in got] == tiny_ref[mode], (tensor, data, mode)
+
+
+@pytest.mark.parametrize("tensor,data", [(2, 1), (2, 2)])
+def test_engine_on_mesh_equals_one_device(tiny_params, tiny_ref, tensor, data):
+    """The continuous-batching engine over the mesh, 3 requests in 2 slots (a finished slot is
+    refilled), gives one device's greedy tokens; its slot cache is split over slots (data) and
+    KV heads (tensor), whole heads per device."""
+    mesh = shd.inference_mesh(CFG, tensor, data)
+    eng = engine.Engine(shd.place_params(CFG, tiny_params, mesh), CFG, slots=2, max_len=64,
+                        mesh=mesh)
+    reqs = [eng.submit(engine.Request(p, 12)) for p in PROMPTS]
+    while eng.has_work():
+        eng.run_once()
+    assert [r.tokens for r in reqs] == tiny_ref["orthrus"], (tensor, data)
+    k = eng.state.cache.k                       # [layers, slots, positions, kv heads, head_dim]
+    assert k.sharding.shard_shape(k.shape) == (CFG.num_layers, 2 // data, 64,
+                                               CFG.num_kv_heads // tensor, CFG.head_dim)
+    assert eng.state.active.sharding.shard_shape((2,)) == (2 // data,)
+
+
+def test_engine_slots_must_divide_by_data():
+    mesh = shd.inference_mesh(CFG, 1, 2)
+    with pytest.raises(engine.GenerationError, match=r"slots \(3\) must be divisible by the data "
+                                                     r"parallel size \(2\)"):
+        engine.Engine({}, CFG, slots=3, max_len=64, mesh=mesh)
 
 
 def test_kv_cache_split_over_rows_and_kv_heads(tiny_params):

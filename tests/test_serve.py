@@ -50,12 +50,13 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, model, cache, extra, log):
+    def __init__(self, model, cache, extra, log, env=None):
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
-        env = dict(os.environ, ORTHRUS_JAX_COMPILATION_CACHE_DIR=str(cache),
-                   JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
-        env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+        base_env = dict(os.environ, ORTHRUS_JAX_COMPILATION_CACHE_DIR=str(cache),
+                        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PLATFORMS="cpu")
+        base_env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it (unless env says)
+        env = {**base_env, **(env or {})}
         self.log = open(log, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "infer.serve", "--model", str(model), "--port",

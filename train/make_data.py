@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from infer.decoder import generate, length_bucket
+from infer.decoder import length_bucket
 from infer.engine import generate_all
 from infer.text import chat_prompt, encode, load_tokenizer
 from orthrus_jax import sharding as shd
@@ -46,15 +46,11 @@ from orthrus_jax.config import ConfigError, Qwen3Config, load_config
 
 def greedy_generate(params, cfg: Qwen3Config, prompts: list[list[int]], max_new: int,
                     mesh=None, slots: int = 128, max_len: int | None = None) -> list[list[int]]:
-    """Greedy continuations (cut after the first EOS, which is kept) for token-id prompts: on the
-    continuous-batching engine (a finished row's slot takes the next prompt at once), or with a
-    device mesh in the batch decoder, in batches of `slots` rows."""
-    if mesh is not None:
-        results = generate(params, cfg, prompts, mode="ar", max_new_tokens=max_new,
-                           batch_size=slots, max_len=max_len, mesh=mesh)
-    else:
-        results = generate_all(params, cfg, prompts, mode="ar", max_new_tokens=max_new,
-                               slots=slots, max_len=max_len)
+    """Greedy continuations (cut after the first EOS, which is kept) for token-id prompts on the
+    continuous-batching engine (a finished row's slot takes the next prompt at once), over a
+    device mesh when one is given (params placed on it)."""
+    results = generate_all(params, cfg, prompts, mode="ar", max_new_tokens=max_new, slots=slots,
+                           max_len=max_len, mesh=mesh)
     return [_cut_eos(list(map(int, r.token_ids)), cfg) for r in results]
 
 
