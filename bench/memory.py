@@ -42,7 +42,7 @@ from orthrus_jax.params import param_shapes
 from orthrus_jax.shapes import SHAPE_NAMES, shape_config
 
 GIB = 1024 ** 3
-PROGRAMS = ("decoder",)
+PROGRAMS = ("decoder", "make-data")
 # XLA's CPU compiler runs bf16/fp16 matmuls in fp32 and, through loop-invariant code motion,
 # converts the whole stacked [layers, ...] weights to fp32 once, before the layer loop: a CPU
 # artifact of twice the 16-bit weights in temporaries (GPU and TPU multiply in 16 bits). On the
@@ -121,6 +121,36 @@ def decoder_programs(cfg: Qwen3Config, prompt_len: int, batch: int, dtype: Any, 
     return {"prefill": prefill, "cycle": cycle}
 
 
+def make_data_programs(cfg: Qwen3Config, prompt_len: int, batch: int, dtype: Any, *,
+                       max_new_tokens: int, mesh: Any) -> dict[str, Any]:
+    """infer.engine's programs as train.make_data runs them (AR, greedy, `batch` slots of
+    prompt_len + max_new_tokens positions, length-bucketed as make_data does), compiled on
+    abstract arguments: name -> Compiled."""
+    from infer import decoder, engine
+
+    max_len = min(decoder.length_bucket(prompt_len + max_new_tokens),
+                  cfg.max_position_embeddings)
+    # the Engine's AR settings: 16 cycles per generate call, prefill chunks of up to 256 tokens
+    spec = engine.EngineSpec(cfg=cfg, mode="ar", block_size=cfg.block_size, slots=batch,
+                             max_len=max_len, steps=16, chunk=256,
+                             eos_ids=tuple(cfg.eos_token_ids), mesh=mesh)
+    params = abstract_params(cfg, dtype, mesh)
+    state = jax.eval_shape(lambda: engine.init_state_fn(spec, jnp.dtype(dtype)))
+    if mesh is not None:
+        state = _abstract(state, engine.state_shardings(spec, state))
+    width = min(engine.chunk_width(prompt_len), spec.chunk)
+    i32 = jax.ShapeDtypeStruct((), jnp.int32)
+    f32 = jax.ShapeDtypeStruct((), jnp.float32)
+    req = {"max_new": i32, "temperature": f32, "top_p": f32, "top_k": i32,
+           "key": jax.ShapeDtypeStruct((2,), jnp.uint32)}
+    args = _put(mesh, (jax.ShapeDtypeStruct((1, width), jnp.int32), i32, i32, i32,
+                       jax.ShapeDtypeStruct((), jnp.bool_), req))
+    opts = compiler_options(dtype)
+    insert = engine.insert_jit.lower(params, spec, state, *args).compile(opts)
+    generate = engine.generate_jit.lower(params, spec, state, _put(mesh, i32)).compile(opts)
+    return {"insert": insert, "generate": generate}
+
+
 def _mesh(cfg: Qwen3Config, tensor: int, data: int) -> Any:
     if tensor * data == 1:
         return None
@@ -146,8 +176,12 @@ def measure(shape: str, prompt_len: int, batch: int = 1, dtype: str = "fp32",
         raise common.UsageError(f"--batch {batch} must be a multiple of --data-parallel-size "
                                 f"{data}")
     mesh = _mesh(cfg, tensor, data)
-    compiled = decoder_programs(cfg, prompt_len, batch, dt, max_new_tokens=max_new_tokens,
-                                block_size=block_size, mesh=mesh)
+    if program == "decoder":
+        compiled = decoder_programs(cfg, prompt_len, batch, dt, max_new_tokens=max_new_tokens,
+                                    block_size=block_size, mesh=mesh)
+    else:
+        compiled = make_data_programs(cfg, prompt_len, batch, dt, max_new_tokens=max_new_tokens,
+                                      mesh=mesh)
     per = {name: _stats(c) for name, c in compiled.items()}
     res = {"shape": shape, "program": program, "prompt_len": prompt_len, "batch": batch,
            "dtype": dt.name, "max_new_tokens": max_new_tokens, "tensor_parallel_size": tensor,
@@ -155,9 +189,14 @@ def measure(shape: str, prompt_len: int, batch: int = 1, dtype: str = "fp32",
            "platform": jax.default_backend(), "compiler_options": compiler_options(dt),
            "programs": per,
            "peak_bytes": max(s["peak_bytes"] for s in per.values())}
-    res["prefill_temp_bytes"] = per["prefill"]["temp_bytes"]
-    res["cycle_temp_bytes"] = per["cycle"]["temp_bytes"]
-    res["kv_cache_bytes"] = per["cycle"]["alias_bytes"]  # the donated state, cache included
+    if program == "decoder":
+        res["prefill_temp_bytes"] = per["prefill"]["temp_bytes"]
+        res["cycle_temp_bytes"] = per["cycle"]["temp_bytes"]
+        res["kv_cache_bytes"] = per["cycle"]["alias_bytes"]  # the donated state, cache included
+    else:
+        res["insert_temp_bytes"] = per["insert"]["temp_bytes"]
+        res["generate_temp_bytes"] = per["generate"]["temp_bytes"]
+        res["kv_cache_bytes"] = per["generate"]["alias_bytes"]
     return res
 
 
@@ -212,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--block-size", type=int, default=None, help="K (decoder; default 32)")
     p.add_argument("--program", choices=PROGRAMS, default="decoder",
-                   help="decoder: prefill and one Orthrus cycle (default)")
+                   help="decoder: prefill and one Orthrus cycle (default); make-data: "
+                        "train.make_data's decode (the engine, AR, --batch slots)")
     p.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N")
     p.add_argument("--data-parallel-size", "-dp", type=int, default=1, metavar="N")
     p.add_argument("--device-gib", type=float, default=80.0,

@@ -46,3 +46,18 @@ def test_bench_memory_bad_sizes_one_line(capsys, argv, needle):
         memory.main(["--shape", "tiny", *[x for kv in base.items() for x in kv]])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err
+
+
+def test_bench_memory_make_data_insert_keeps_the_cache_split():
+    """make_data's decode (the engine, AR) on tensor 2 x data 2: each device holds half the
+    slots' cache (1 KV head: replicated over tensor), donated to both programs, and inserting a
+    prompt into one slot never gathers the whole cache (2x the per-device cache) onto a
+    device."""
+    res = memory.measure("tiny", 64, batch=8, max_new_tokens=2000, program="make-data",
+                         tensor=2, data=2)
+    # k and v [layers 2, slots 8 / data 2, positions 3072 (bucket of 2064), 1, 32] fp32
+    kv = 2 * 2 * 4 * 3072 * 1 * 32 * 4
+    assert kv <= res["kv_cache_bytes"] < 1.01 * kv, res
+    for name in ("insert", "generate"):
+        assert res["programs"][name]["alias_bytes"] >= kv, res
+    assert res["insert_temp_bytes"] < kv, res
