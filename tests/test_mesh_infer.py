@@ -65,18 +65,18 @@ def test_mesh_greedy_equals_one_device(tiny_params, tiny_ref, tensor, data):
         assert [r.token_ids for r in got] == tiny_ref[mode], (tensor, data, mode)
 
 
-@pytest.mark.parametrize("tensor,data", [(2, 1), (2, 2)])
-def test_engine_on_mesh_equals_one_device(tiny_params, tiny_ref, tensor, data):
+@pytest.mark.parametrize("tensor,data,verify", [(2, 1, "chain"), (2, 2, "tree")])
+def test_engine_on_mesh_equals_one_device(tiny_params, tiny_ref, tensor, data, verify):
     """The continuous-batching engine over the mesh, 3 requests in 2 slots (a finished slot is
-    refilled), gives one device's greedy tokens; its slot cache is split over slots (data) and
-    KV heads (tensor), whole heads per device."""
+    refilled), gives one device's greedy tokens (chain, or a draft tree of 6 nodes); its slot
+    cache is split over slots (data) and KV heads (tensor), whole heads per device."""
     mesh = shd.inference_mesh(CFG, tensor, data)
     eng = engine.Engine(shd.place_params(CFG, tiny_params, mesh), CFG, slots=2, max_len=64,
-                        mesh=mesh)
+                        verify=verify, tree_budget=6, mesh=mesh)
     reqs = [eng.submit(engine.Request(p, 12)) for p in PROMPTS]
     while eng.has_work():
         eng.run_once()
-    assert [r.tokens for r in reqs] == tiny_ref["orthrus"], (tensor, data)
+    assert [r.tokens for r in reqs] == tiny_ref["orthrus"], (tensor, data, verify)
     k = eng.state.cache.k                       # [layers, slots, positions, kv heads, head_dim]
     assert k.sharding.shard_shape(k.shape) == (CFG.num_layers, 2 // data, 64,
                                                CFG.num_kv_heads // tensor, CFG.head_dim)

@@ -1,6 +1,7 @@
 """python -m infer.serve over a device mesh: --tensor-parallel-size / --data-parallel-size refused
 in one line where the model or the slots do not allow them; a server with tensor 2 (2 fake CPU
-devices) answers a greedy completion with one device's tokens."""
+devices, AR mode: the cheapest compile) answers a greedy completion with one device's
+tokens."""
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,9 @@ def test_serve_tensor_2_answers_like_one_device(tiny_model, tmp_path):
     ids = text.encode(tok, "def fibonacci(n):")
     want = generate_all(params, cfg, [ids], mode="ar", max_new_tokens=8, slots=1)[0].token_ids
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    srv = Server(model, tmp_path / "cache", ["--tensor-parallel-size", "2", "--mode", "ar",
-                                             "--no-warmup"], tmp_path / "tp2.log", env=env)
+    srv = Server(model, tmp_path / "cache", ["--tensor-parallel-size", "2", "--no-warmup",
+                                             "--mode", "ar", "--verify", "chain"],
+                 tmp_path / "tp2.log", env=env)
     try:
         srv.wait_ready()
         r = httpx.post(srv.base + "/v1/completions", timeout=300, json={
