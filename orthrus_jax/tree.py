@@ -126,7 +126,11 @@ def build_tree(anchor: Array, q_logprobs: Array, n_nodes: int, key: Array | None
     if key is not None:
         a = jnp.broadcast_to(jnp.asarray(first_accept, jnp.float32), (b,))
         ranks = jnp.arange(c, dtype=jnp.float32)
-        value = (sorted_lp - sorted_lp[..., :1] + jnp.log(a)[:, None, None]
+        # the max, not sorted_lp[..., :1] (the same value): slicing top_k's output made XLA on
+        # the CPU run a full sort of the vocabulary (measured 830 ms instead of 13 ms at
+        # 8 x 31 x 8192)
+        top = jnp.max(q_logprobs.astype(jnp.float32), axis=-1, keepdims=True)
+        value = (sorted_lp - top + jnp.log(a)[:, None, None]
                  + ranks * jnp.log1p(-a)[:, None, None])
     depth, parent, rank, valid = jax.vmap(lambda s: _shape(s, n))(value)
     zero = jnp.zeros((b, 1), jnp.int32)
