@@ -16,8 +16,14 @@ Device side (pure functions, jitted once per EngineSpec):
   a draft tree of tree_budget nodes through infer.decoder.tree_cycle; ar: one token) of every
   active slot
   in one `lax.while_loop`, stopping early as soon as a slot finishes, so its slot is refilled at
-  once (a quarter of them while prompts wait for prefill: the limit is traced). Returns every
-  slot's new tokens.
+  once (a quarter of them while a slot is free or a long prompt is being prefilled: the limit
+  is traced). The cycles run on the first `rows` slots only, a power of two covering every
+  active slot (requests take the lowest free slot): a cycle's cost follows the occupancy, not
+  the engine's size (one compile per row bucket). Returns those slots' new tokens.
+
+Host loop (`Engine.run_once`): free cancelled slots, admit, advance every prefilling slot by one
+chunk (a wave of short prompts enters in one step, so the cycles after it run with every slot
+busy), then one generate call; one host sync per call.
 
 Per-request temperature, top-p, top-k and seed are per-slot traced values: one compiled program
 serves mixed settings (greedy rows by argmax, sampled rows through spec.process_logits_rows with
@@ -322,12 +328,18 @@ def cycle_fn(params: Any, spec: EngineSpec, state: SlotState
     return _constrain(spec, state), block, n_emit, finished
 
 
-def generate_fn(params: Any, spec: EngineSpec, state: SlotState, limit: Array
-                ) -> tuple[SlotState, StepOut]:
+def generate_fn(params: Any, spec: EngineSpec, state: SlotState, limit: Array,
+                rows: int | None = None) -> tuple[SlotState, StepOut]:
     """Up to `limit` (traced, <= spec.steps) cycles in one while_loop; stops early once any slot
-    finishes."""
+    finishes. rows (static): run the cycles on slots [0, rows) only (every active slot must lie
+    there): a cycle's cost follows the occupied slots, not the engine's size. StepOut covers
+    those rows."""
     TRACE_COUNTS["generate"] += 1
-    s, width = spec.slots, spec.steps * spec.k
+    rows = spec.slots if rows is None else rows
+    full = state
+    if rows < spec.slots:  # one copy of the rows in and out per call, not per cycle
+        state = _rows(state, 0, rows)
+    s, width = rows, spec.steps * spec.k
     out = StepOut(tokens=jnp.zeros((s, width), jnp.int32), n_new=jnp.zeros((s,), jnp.int32),
                   finished=jnp.zeros((s,), bool), steps=jnp.int32(0))
 
@@ -344,7 +356,35 @@ def generate_fn(params: Any, spec: EngineSpec, state: SlotState, limit: Array
         return st, StepOut(tokens=toks, n_new=o.n_new + n_emit, finished=o.finished | finished,
                            steps=o.steps + 1)
 
-    return jax.lax.while_loop(cond, body, (state, out))
+    state, out = jax.lax.while_loop(cond, body, (state, out))
+    if rows < spec.slots:
+        state = _put_rows(full, state)
+    return state, out
+
+
+def _slot_axis(path: Any) -> int:
+    """The slot axis of a SlotState leaf: 1 for the cache's k/v [layers, S, ...], else 0."""
+    names = [getattr(k, "name", None) for k in path]
+    return 1 if names[-1] in ("k", "v") and "cache" in names else 0
+
+
+def _rows(state: SlotState, start: int, n: int) -> SlotState:
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.lax.slice_in_dim(x, start, start + n, axis=_slot_axis(path)), state)
+
+
+def _put_rows(full: SlotState, part: SlotState) -> SlotState:
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x, y: jax.lax.dynamic_update_slice_in_dim(x, y, 0, axis=_slot_axis(path)),
+        full, part)
+
+
+def row_bucket(n: int, slots: int) -> int:
+    """Rows a generate call runs: the next power of two >= n, at most slots (few compiles)."""
+    r = 1
+    while r < n:
+        r *= 2
+    return min(r, slots)
 
 
 def release_fn(spec: EngineSpec, state: SlotState, mask: Array) -> SlotState:
@@ -357,7 +397,7 @@ def release_fn(spec: EngineSpec, state: SlotState, mask: Array) -> SlotState:
 
 init_state_jit = jax.jit(init_state_fn, static_argnums=(0, 1))
 insert_jit = jax.jit(insert_chunk_fn, static_argnums=(1,), donate_argnums=(2,))
-generate_jit = jax.jit(generate_fn, static_argnums=(1,), donate_argnums=(2,))
+generate_jit = jax.jit(generate_fn, static_argnums=(1, 4), donate_argnums=(2,))
 release_jit = jax.jit(release_fn, static_argnums=(0,), donate_argnums=(1,))
 
 
@@ -541,7 +581,7 @@ class Engine:
 
     def warmup(self) -> None:
         """Compile (or load from the persistent cache) every program the engine runs: insert at
-        each chunk width, generate, release. Leaves the engine empty."""
+        each chunk width, generate at each row bucket, release. Leaves the engine empty."""
         w, widths = 32, []
         while w <= self.spec.chunk:
             widths.append(w)
@@ -552,6 +592,10 @@ class Engine:
         self.submit(Request([0], min(2, self.spec.max_len - 1)))
         while self.has_work():
             self.run_once()
+        if self.spec.mesh is None:  # each row bucket's generate (no slot is active: no cycle)
+            for r in sorted({row_bucket(n, self.spec.slots)
+                             for n in range(1, self.spec.slots + 1)}):
+                self.state, _ = generate_jit(self.params, self.spec, self.state, np.int32(0), r)
         self.state = release_jit(self.spec, self.state,
                                  self._put(np.zeros((self.spec.slots,), bool)))
         self.step_count = self.cycle_count = 0
@@ -570,21 +614,27 @@ class Engine:
     # -- the loop ------------------------------------------------------------------------------
 
     def run_once(self) -> None:
-        """Free cancelled slots, admit waiting requests, prefill up to one chunk's worth of
-        tokens (more while nothing decodes), then one generate call if any slot is active."""
+        """Free cancelled slots, admit waiting requests, advance every prefilling slot by one
+        chunk (all chunks while nothing decodes), then one generate call if any slot is active.
+
+        A wave of short prompts enters in one step, so the decode cycles that follow run with
+        every slot busy; a long prompt still enters one chunk per step while the others
+        decode."""
         self._free_cancelled()
         self._admit()
-        budget = self.spec.chunk
         while True:
-            pending = [r for r in self.slots if r is not None and r.prefilled < len(r.prompt)]
-            if not pending:
+            pending = sorted((r for r in self.slots
+                              if r is not None and r.prefilled < len(r.prompt)),
+                             key=lambda r: r.t_submit)
+            for r in pending:
+                self._deliver_first(self._insert_chunk(r))
+            if not pending or self._decoding():
                 break
-            decoding = any(r is not None and r.prefilled >= len(r.prompt) for r in self.slots)
-            if decoding and budget <= 0:
-                break
-            budget -= self._insert_chunk(min(pending, key=lambda r: r.t_submit))
-        if any(r is not None and r.prefilled >= len(r.prompt) for r in self.slots):
+        if self._decoding():
             self._generate()
+
+    def _decoding(self) -> bool:
+        return any(r is not None and r.prefilled >= len(r.prompt) for r in self.slots)
 
     def _free_cancelled(self) -> None:
         with self.lock:
@@ -611,7 +661,8 @@ class Engine:
                     r.slot, r.prefilled = s, 0
                     self.slots[s] = r
 
-    def _insert_chunk(self, r: Request) -> int:
+    def _insert_chunk(self, r: Request) -> list[tuple[Request, Array, Array]]:
+        """Dispatch one prefill chunk of r; [(r, first token, done)] on its final chunk."""
         n, start = len(r.prompt), r.prefilled
         take = min(n - start, self.spec.chunk)
         width = min(chunk_width(take), self.spec.chunk)
@@ -624,39 +675,52 @@ class Engine:
         self.state, first, done = insert_jit(self.params, self.spec, self.state, *self._put(
             (tokens, np.int32(r.slot), np.int32(start), np.int32(take), np.bool_(final), req)))
         r.prefilled = start + take
-        if final:
-            first, done = (x.item() for x in self._get((first, done)))
-            r.t_first = time.perf_counter()
+        return [(r, first, done)] if final else []
+
+    def _deliver_first(self, firsts: list[tuple[Request, Array, Array]]) -> None:
+        """Deliver the first tokens of the requests whose prefill ended; free the slots that
+        their first token already finished."""
+        if not firsts:
+            return
+        got = self._get([(f, d) for _, f, d in firsts])
+        now = time.perf_counter()
+        for (r, _, _), (first, done) in zip(firsts, got):
+            first = int(first)
+            r.t_first = now
             self._deliver(r, [first])
-            if done:
+            if bool(done):
                 self.slots[r.slot] = None
                 self._finish(r, "stop" if first in self.spec.eos_ids else "length")
-        return take
 
     def _generate(self) -> None:
-        # while prompts wait for prefill, run a quarter of the cycles: they enter sooner
-        waiting = bool(self.waiting) or any(r is not None and r.prefilled < len(r.prompt)
-                                            for r in self.slots)
-        limit = max(1, self.spec.steps // 4) if waiting else self.spec.steps
+        # a quarter of the cycles while a slot is free or a long prompt enters chunk by chunk:
+        # a request arriving meanwhile (or the prompt's next chunk) enters sooner. With every
+        # slot busy, full steps: waiting requests can only enter when a slot finishes, and a
+        # finishing slot ends the call anyway.
+        short = any(r is None or r.prefilled < len(r.prompt) for r in self.slots)
+        limit = max(1, self.spec.steps // 4) if short else self.spec.steps
+        top = max(s for s, r in enumerate(self.slots)
+                  if r is not None and r.prefilled >= len(r.prompt))
+        # on a mesh every call runs all slots (a prefix of rows split over data would move)
+        rows = row_bucket(top + 1, self.spec.slots) if self.spec.mesh is None else None
         self.state, out = generate_jit(self.params, self.spec, self.state,
-                                       self._put(np.int32(limit)))
+                                       self._put(np.int32(limit)), rows)
         host = self._get({"tokens": out.tokens, "n_new": out.n_new, "finished": out.finished,
-                          "steps": out.steps})
+                          "steps": out.steps, "cycles": self.state.cycles,
+                          "hist": self.state.acc_hist, "pos": self.state.pos_acc,
+                          "nodes": self.state.nodes})  # one host sync per call
         self.step_count += 1
         self.cycle_count += int(host["steps"])
-        fin = [s for s in range(self.spec.slots) if host["finished"][s]]
-        stats = self._get({"cycles": self.state.cycles, "hist": self.state.acc_hist,
-                           "pos": self.state.pos_acc, "nodes": self.state.nodes}) if fin else None
-        for s, r in enumerate(self.slots):
+        for s, r in enumerate(self.slots):  # every decoding slot lies in [0, rows)
             if r is None or r.prefilled < len(r.prompt):
                 continue
             n = int(host["n_new"][s])
             if n:
                 self._deliver(r, host["tokens"][s, :n].tolist())
             if host["finished"][s]:
-                r.cycles = int(stats["cycles"][s])
-                r.acc_hist, r.pos_acc = stats["hist"][s].copy(), stats["pos"][s].copy()
-                r.nodes = int(stats["nodes"][s])
+                r.cycles = int(host["cycles"][s])
+                r.acc_hist, r.pos_acc = host["hist"][s].copy(), host["pos"][s].copy()
+                r.nodes = int(host["nodes"][s])
                 self.slots[s] = None
                 eos = bool(r.tokens) and r.tokens[-1] in self.spec.eos_ids
                 self._finish(r, "stop" if eos else "length")

@@ -3,8 +3,8 @@
 Greedy rows equal infer.decoder.generate token for token (AR and Orthrus, prompts longer than a
 prefill chunk, more prompts than slots); a seed gives the same tokens in any slot; mixed
 temperature / top-k / top-p / greedy rows in one batch each match the exact AR marginals
-(chi-square); generate stops when a slot finishes; a long prompt enters chunk by chunk while
-others decode; cancel frees a slot before the next step; one compile serves mixed settings.
+(chi-square); generate stops when a slot finishes; a wave of prompts enters in one step and the
+cycles run on the occupied rows only; a long prompt enters chunk by chunk while others decode; cancel frees a slot before the next step; one compile serves mixed settings.
 """
 import jax
 import jax.numpy as jnp
@@ -101,6 +101,31 @@ def test_generate_stops_when_a_slot_finishes(small):
     c = eng.submit(Request([4], 2))
     eng.run_once()
     assert c.slot == 0  # the freed slot took the next request at once
+
+
+def test_wave_enters_in_one_step_and_cycles_run_on_occupied_rows(small, monkeypatch):
+    """Every waiting prompt (within a chunk) is prefilled in the first step; generate runs on
+    the lowest power-of-two rows that hold the active slots, with the batch decoder's tokens."""
+    cfg, params = small
+    rows = []
+    real = engine.generate_jit
+
+    def spy(params, spec, state, limit, r=None):
+        rows.append(r)
+        return real(params, spec, state, limit, r)
+
+    monkeypatch.setattr(engine, "generate_jit", spy)
+    eng = Engine(params, cfg, slots=8, max_len=96, mode="ar", chunk=32, steps=4,
+                 eos_token_ids=())
+    prompts = _prompts(3, hi=30, seed=7)
+    reqs = [eng.submit(Request(p, 6)) for p in prompts]
+    eng.run_once()
+    assert [len(r.tokens) > 0 for r in reqs] == [True] * 3 and rows == [4]
+    while eng.has_work():
+        eng.run_once()
+    ref = decoder.generate(params, cfg, prompts, mode="ar", max_new_tokens=6, eos_token_ids=())
+    assert [r.tokens for r in reqs] == [r.token_ids for r in ref]
+    assert set(rows) == {4}  # slots 0..2 busy to the end: never the engine's 8 rows
 
 
 def test_long_prompt_interleaves_with_decoding(small):
