@@ -617,19 +617,23 @@ class Engine:
         """Free cancelled slots, admit waiting requests, advance every prefilling slot by one
         chunk (all chunks while nothing decodes), then one generate call if any slot is active.
 
-        A wave of short prompts enters in one step, so the decode cycles that follow run with
-        every slot busy; a long prompt still enters one chunk per step while the others
-        decode."""
+        A wave of short prompts enters in one step (requests admitted while it is prefilled
+        join it), so the decode cycles that follow run with every slot busy; a long prompt
+        still enters one chunk per step while the others decode."""
         self._free_cancelled()
-        self._admit()
+        advanced: set[int] = set()  # requests given a chunk in this round
         while True:
-            pending = sorted((r for r in self.slots
-                              if r is not None and r.prefilled < len(r.prompt)),
-                             key=lambda r: r.t_submit)
-            for r in pending:
-                self._deliver_first(self._insert_chunk(r))
-            if not pending or self._decoding():
+            self._admit()  # requests arriving during the prefills join this step
+            pending = [r for r in self.slots if r is not None and r.prefilled < len(r.prompt)]
+            todo = [r for r in pending if r.id not in advanced]
+            if not todo:
+                if pending and not self._decoding():
+                    advanced.clear()  # nothing decodes: the next chunks at once
+                    continue
                 break
+            r = min(todo, key=lambda r: r.t_submit)
+            advanced.add(r.id)
+            self._deliver_first(self._insert_chunk(r))
         if self._decoding():
             self._generate()
 
