@@ -29,7 +29,9 @@ from bench import common
 from infer import decoder
 from orthrus_jax import paths
 from orthrus_jax.checkpoint import load_any_model
-from orthrus_jax.cli import ArgumentParser, add_verify_arguments, parse_dtype
+from orthrus_jax.cli import (
+    ArgumentParser, add_prefill_chunk_argument, add_verify_arguments, parse_dtype,
+)
 
 ENGINES = ("hf", "ar", "orthrus")
 LABELS = {"hf": "HF transformers generate", "ar": "ours, AR mode", "orthrus": "ours, Orthrus"}
@@ -153,7 +155,8 @@ def run_engine(engine: str, prompts, batch_size: int, *, args, cfg, params, hf: 
                     if engine == "orthrus" else {})
             res = decoder.generate(params, cfg, ps, mode=engine, max_new_tokens=args.max_new_tokens,
                                    batch_size=batch_size, block_size=args.block_size,
-                                   eos_token_ids=eos_ids, **sampling, **tree)
+                                   eos_token_ids=eos_ids,
+                                   prefill_chunk_size=args.prefill_chunk_size, **sampling, **tree)
             return [r.token_ids for r in res], res
 
     warm_s = 0.0
@@ -335,7 +338,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         _, params32 = load_any_model(args.model, jnp.float32)
         reference = [r.token_ids for r in decoder.generate(
             params32, cfg, prompts, mode="ar", max_new_tokens=args.max_new_tokens,
-            batch_size=max(batch_sizes), eos_token_ids=eos_ids)]
+            batch_size=max(batch_sizes), eos_token_ids=eos_ids,
+            prefill_chunk_size=args.prefill_chunk_size)]
         del params32
     for b in batch_sizes:
         outputs = {} if reference is None else {"ar_fp32": reference}
@@ -405,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute dtype for ours and HF: fp32 (default: exact matching), bf16 or "
                         "fp16 (float32, bfloat16, float16 accepted); below fp32 our AR is also "
                         "run in fp32 once and compared (ar==ar_fp32)")
+    add_prefill_chunk_argument(p)
     p.add_argument("--eos", default=None, help="comma-separated EOS ids (default: model config)")
     p.add_argument("--pad-id", type=int, default=None, help="HF pad id (default: first EOS)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per config; best is kept")

@@ -9,8 +9,8 @@ nothing is allocated. Each program is lowered and compiled for the platform this
 XLA's memory analysis gives, per device, its arguments, outputs, aliased (donated) bytes and
 temporaries; `peak_bytes` = arguments + outputs - aliased + temporaries.
 
---program decoder (default): infer.decoder's prefill (every prompt token into a fresh cache,
-first token sampled) and one Orthrus cycle (draft + verify) of the batch. The KV cache is an
+--program decoder (default): infer.decoder's prefill (the prompt, in chunks of 512 tokens, into
+a donated empty cache; first token sampled) and one Orthrus cycle (draft + verify) of the batch. The KV cache is an
 output of prefill and a donated argument and output of the cycle, never a temporary.
 `prefill_temp_bytes` is the largest temporary memory of any program prefill runs.
 
@@ -111,11 +111,15 @@ def decoder_programs(cfg: Qwen3Config, prompt_len: int, batch: int, dtype: Any, 
                                        jax.ShapeDtypeStruct((batch,), jnp.int32)), rows)
     sampling, key = _put(mesh, (decoder.Sampling.make(0.0, 1.0),
                                 jax.ShapeDtypeStruct((2,), jnp.uint32)))
+    cache = jax.eval_shape(lambda: decoder.empty_cache(spec, batch, bucket, dtype))
+    if mesh is not None:  # the donated empty cache, rows over data and KV heads over tensor
+        kv, ln = (NamedSharding(mesh, s) for s in shd.cache_specs(cfg, mesh, batch))
+        cache = _abstract(cache, type(cache)(k=kv, v=kv, length=ln))
     opts = compiler_options(dtype)
-    prefill = decoder.prefill_jit.lower(params, spec, tokens, lens, limits, sampling,
+    prefill = decoder.prefill_jit.lower(params, spec, cache, tokens, lens, limits, sampling,
                                         key).compile(opts)
     shapes = jax.eval_shape(lambda *a: decoder.prefill_fn(a[0], spec, *a[1:]),
-                            params, tokens, lens, limits, sampling, key)
+                            params, cache, tokens, lens, limits, sampling, key)
     state = _abstract(shapes, prefill.output_shardings if mesh is not None else None)
     cycle = decoder.step_jit.lower(params, spec, state, sampling).compile(opts)
     return {"prefill": prefill, "cycle": cycle}

@@ -2,8 +2,9 @@
 
     results = generate(params, cfg, [[ids...], ...], mode="orthrus" | "ar", max_new_tokens=256)
 
-After a shared prefill (one AR pass over the right-padded prompts, which also yields the first
-token), the whole generation is one jit-compiled `lax.while_loop` with static shapes:
+After a shared prefill (AR passes over the right-padded prompts, prefill_chunk tokens at a time,
+which also yield the first token), the whole generation is one jit-compiled `lax.while_loop`
+with static shapes:
 
 - orthrus cycle: diffusion pass on [anchor, MASK x (K-1)] -> drafts d_1..d_{K-1}; AR pass on
   [anchor, d_1..d_{K-1}] (writes K/V at each row's length); accept the longest verified prefix;
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import time
 from typing import Any, Callable, Iterator, Sequence
 
@@ -38,7 +40,9 @@ from orthrus_jax import spec as S
 from orthrus_jax import tree as T
 from orthrus_jax.cache import KVCache, init_cache, write_cache
 from orthrus_jax.config import Qwen3Config
-from orthrus_jax.model import ar_block, ar_forward, draft_block, lm_logits
+from orthrus_jax.model import (
+    PREFILL_CHUNK, ar_block, ar_forward, chunked_prefill, draft_block, lm_logits,
+)
 
 Array = jax.Array
 MODES = ("orthrus", "ar")
@@ -70,6 +74,7 @@ class DecodeSpec:
     verify: str = "chain"  # orthrus: "chain" (K-1 drafts) or "tree" (tree_budget nodes)
     tree_budget: int = 0  # draft nodes per cycle besides the anchor (verify="tree")
     mesh: Any = None  # a (data, fsdp=1, tensor) inference mesh: rows over data, heads over tensor
+    prefill_chunk: int = PREFILL_CHUNK  # prompt tokens per prefill chunk
 
     @property
     def nodes(self) -> int:
@@ -158,15 +163,15 @@ def _write_rows(buf: Array, block: Array, start: Array) -> Array:
 # prefill, step, loop (pure; jitted below)
 
 
-def prefill_fn(params: Any, spec: DecodeSpec, tokens: Array, prompt_lens: Array, max_new: Array,
-               sampling: Sampling, key: Array) -> DecodeState:
-    """AR pass over right-padded prompts [B, P]; samples the first token (the first anchor)."""
+def prefill_fn(params: Any, spec: DecodeSpec, cache: KVCache, tokens: Array, prompt_lens: Array,
+               max_new: Array, sampling: Sampling, key: Array) -> DecodeState:
+    """Chunked AR prefill of right-padded prompts [B, P] into an empty cache (empty_cache) of
+    spec.cache_len(P) positions, spec.prefill_chunk tokens at a time; samples the first token
+    (the first anchor)."""
     TRACE_COUNTS["prefill"] += 1
     b, p = tokens.shape
-    dtype = params["embed"].dtype
-    cache = _constrain(spec, init_cache(spec.cfg, b, spec.cache_len(p), dtype))
-    hidden, cache = ar_forward(params, spec.cfg, tokens, cache)
-    last = jnp.take_along_axis(hidden, (prompt_lens - 1)[:, None, None], axis=1)[:, 0]
+    last, cache = chunked_prefill(params, spec.cfg, tokens, prompt_lens, _constrain(spec, cache),
+                                  spec.prefill_chunk)
     key, sub = jax.random.split(key)
     first = _pick(spec, sampling, sub, lm_logits(params, last))
     k = spec.block_size
@@ -177,7 +182,7 @@ def prefill_fn(params: Any, spec: DecodeSpec, tokens: Array, prompt_lens: Array,
         is_eos = is_eos | (first == e)
     done = (n_out >= max_new) | is_eos
     return _constrain(spec, DecodeState(
-        cache=cache.replace(length=prompt_lens.astype(jnp.int32)), anchor=first, out=out,
+        cache=cache, anchor=first, out=out,
         n_out=n_out, max_new=max_new.astype(jnp.int32), done=done, key=key,
         cycles=jnp.zeros((b,), jnp.int32), acc_hist=jnp.zeros((b, k), jnp.int32),
         pos_acc=jnp.zeros((b, max(k - 1, 1)), jnp.int32), nodes=jnp.zeros((b,), jnp.int32),
@@ -359,7 +364,27 @@ def _traced_step(params, spec, state, sampling):
     return step_fn(params, spec, state, sampling)
 
 
-prefill_jit = jax.jit(prefill_fn, static_argnums=(1,))
+# the empty cache is donated: prefill writes it in place (an argument and output, not a temporary)
+prefill_jit = jax.jit(prefill_fn, static_argnums=(1,), donate_argnums=(2,))
+
+
+def empty_cache(spec: DecodeSpec, batch: int, prompt_bucket: int, dtype: Any) -> KVCache:
+    """The zeroed cache prefill_fn fills: spec.cache_len(prompt_bucket) positions per row (on a
+    mesh: a global array, rows over data and KV heads over tensor)."""
+    shape = (spec.cfg, batch, spec.cache_len(prompt_bucket), jnp.dtype(dtype))
+    if spec.mesh is None:
+        return _empty_cache_jit(*shape)
+    return _empty_cache_on(spec.mesh, *shd.cache_specs(spec.cfg, spec.mesh, batch))(*shape)
+
+
+_empty_cache_jit = jax.jit(init_cache, static_argnums=(0, 1, 2, 3))
+
+
+@functools.lru_cache(maxsize=None)
+def _empty_cache_on(mesh: Any, kv_spec: P, len_spec: P) -> Callable[..., KVCache]:
+    kv, ln = NamedSharding(mesh, kv_spec), NamedSharding(mesh, len_spec)
+    return jax.jit(init_cache, static_argnums=(0, 1, 2, 3),
+                   out_shardings=KVCache(k=kv, v=kv, length=ln))
 # the state (KV cache included) is donated: the loop updates it in place, with no entry copy
 loop_jit = jax.jit(loop_fn, static_argnums=(1,), donate_argnums=(2,))
 step_jit = jax.jit(_traced_step, static_argnums=(1,), donate_argnums=(2,))
@@ -480,7 +505,7 @@ def make_spec(cfg: Qwen3Config, *, mode: str = "orthrus", max_new_tokens: int = 
               temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
               block_size: int | None = None, eos_token_ids: Sequence[int] | None = None,
               verify: str = "chain", tree_budget: int | None = None,
-              mesh: Any = None) -> DecodeSpec:
+              mesh: Any = None, prefill_chunk_size: int = PREFILL_CHUNK) -> DecodeSpec:
     if mode not in MODES:
         raise GenerationError(f"mode must be one of {MODES}, got {mode!r}")
     if verify not in VERIFY:
@@ -502,12 +527,15 @@ def make_spec(cfg: Qwen3Config, *, mode: str = "orthrus", max_new_tokens: int = 
         raise GenerationError(f"top_p must be in (0, 1], got {top_p}")
     if not greedy and top_k < 0:
         raise GenerationError(f"top_k must be >= 0, got {top_k}")
+    if prefill_chunk_size < 1:
+        raise GenerationError(f"prefill_chunk_size must be >= 1, got {prefill_chunk_size}")
     eos = tuple(cfg.eos_token_ids if eos_token_ids is None else eos_token_ids)
     return DecodeSpec(cfg=cfg, mode=mode, block_size=k, max_new_tokens=new_bucket(max_new_tokens),
                       greedy=greedy, top_k=0 if greedy else int(top_k),
                       use_top_p=(not greedy) and top_p < 1.0,
                       eos_ids=tuple(int(e) for e in eos), verify=verify,
-                      tree_budget=budget if verify == "tree" else 0, mesh=mesh)
+                      tree_budget=budget if verify == "tree" else 0, mesh=mesh,
+                      prefill_chunk=int(prefill_chunk_size))
 
 
 def _check_prompts(cfg: Qwen3Config, prompts: Sequence[Sequence[int]], max_new: int,
@@ -560,7 +588,8 @@ class _Batch:
                 lambda x: shd.put_global(np.asarray(x), NamedSharding(spec.mesh, P())),
                 (sampling, key))
             self.sampling = sampling
-        self.state = prefill_jit(params, spec, *inputs, sampling, key)
+        cache = empty_cache(spec, batch, inputs[0].shape[1], params["embed"].dtype)
+        self.state = prefill_jit(params, spec, cache, *inputs, sampling, key)
         self.first = shd.to_host(self.state.anchor)  # host sync: time to first token
         self.ttft = time.perf_counter() - self.t0
 
@@ -610,7 +639,7 @@ def generate(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]], *,
              eos_token_ids: Sequence[int] | None = None, verify: str = "chain",
              tree_budget: int | None = None,
              on_tokens: Callable[[int, list[int]], None] | None = None,
-             mesh: Any = None) -> list[GenerationResult]:
+             mesh: Any = None, prefill_chunk_size: int = PREFILL_CHUNK) -> list[GenerationResult]:
     """Generate for a list of token-id prompts; results in prompt order.
 
     mode "orthrus" (diffusion draft + AR verify, K = block_size or cfg.block_size) or "ar".
@@ -619,7 +648,8 @@ def generate(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]], *,
     at most batch_size rows (padded to power-of-two row counts and bucketed lengths). max_len is
     the cache capacity (default cfg.max_position_embeddings): prompt + max_new_tokens must fit.
     pad_to raises the padded prompt length to at least this bucket (fewer distinct compiles).
-    eos_token_ids defaults to cfg.eos_token_ids. verify "tree" (orthrus mode) verifies a draft
+    eos_token_ids defaults to cfg.eos_token_ids. Prompts enter the cache in chunks of
+    prefill_chunk_size tokens (prefill temporaries grow with the chunk, not the prompt). verify "tree" (orthrus mode) verifies a draft
     tree of tree_budget nodes per cycle (default K-1, the chain's count) instead of the chain of
     K-1 drafts (orthrus_jax.tree). on_tokens(prompt_index, new_ids) streams tokens
     per cycle (a Python stepper over the same jitted step); without it each batch is one
@@ -630,7 +660,8 @@ def generate(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]], *,
     """
     spec = make_spec(cfg, mode=mode, max_new_tokens=max_new_tokens, temperature=temperature,
                      top_k=top_k, top_p=top_p, block_size=block_size, eos_token_ids=eos_token_ids,
-                     verify=verify, tree_budget=tree_budget, mesh=mesh)
+                     verify=verify, tree_budget=tree_budget, mesh=mesh,
+                     prefill_chunk_size=prefill_chunk_size)
     if batch_size < 1:
         raise GenerationError(f"batch_size must be >= 1, got {batch_size}")
     prompts = [list(map(int, p)) for p in prompts]

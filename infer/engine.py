@@ -66,7 +66,7 @@ from orthrus_jax import sharding as shd
 from orthrus_jax import spec as S
 from orthrus_jax.cache import KVCache, init_cache
 from orthrus_jax.config import Qwen3Config
-from orthrus_jax.model import ar_forward, draft_block, lm_logits
+from orthrus_jax.model import PREFILL_CHUNK, ar_forward, draft_block, lm_logits
 
 Array = jax.Array
 TOP_K_CAP = 256  # largest top_k served (one lax.top_k of this width per sampled pass)
@@ -82,7 +82,7 @@ class EngineSpec:
     slots: int = 8
     max_len: int = 1024
     steps: int = 8  # cycles per generate call, at most
-    chunk: int = 256  # prefill chunk, at most (a length bucket)
+    chunk: int = PREFILL_CHUNK  # prefill chunk, at most
     top_k_cap: int = TOP_K_CAP
     eos_ids: tuple[int, ...] = ()
     verify: str = "chain"  # orthrus: "chain" (K-1 drafts) or "tree" (tree_budget nodes)
@@ -463,7 +463,7 @@ class Engine:
 
     def __init__(self, params: Any, cfg: Qwen3Config, *, slots: int = 8, max_len: int = 1024,
                  mode: str = "orthrus", block_size: int | None = None, steps: int | None = None,
-                 chunk: int = 256, top_k_cap: int = TOP_K_CAP,
+                 chunk: int = PREFILL_CHUNK, top_k_cap: int = TOP_K_CAP,
                  eos_token_ids: Sequence[int] | None = None, verify: str = "chain",
                  tree_budget: int | None = None, mesh: Any = None):
         """mesh: an inference mesh (orthrus_jax.sharding.inference_mesh) with params already
@@ -485,8 +485,8 @@ class Engine:
         if not 1 <= max_len <= cfg.max_position_embeddings:
             raise GenerationError(f"max_len must be in 1..{cfg.max_position_embeddings} (the "
                                   f"model's max_position_embeddings), got {max_len}")
-        if chunk != chunk_width(chunk):
-            raise GenerationError(f"chunk must be a power of two >= 32, got {chunk}")
+        if chunk < 1:
+            raise GenerationError(f"prefill chunk size must be >= 1, got {chunk}")
         if mesh is not None:
             shd.check_tensor_heads(cfg, mesh.shape["tensor"])
             if slots % mesh.shape["data"]:
@@ -583,9 +583,10 @@ class Engine:
         """Compile (or load from the persistent cache) every program the engine runs: insert at
         each chunk width, generate at each row bucket, release. Leaves the engine empty."""
         w, widths = 32, []
-        while w <= self.spec.chunk:
+        while w < self.spec.chunk:
             widths.append(w)
             w *= 2
+        widths.append(self.spec.chunk)  # the widths _insert_chunk uses
         for w in widths:
             n = min(w, self.spec.max_len - 1)
             self.submit(Request([0] * n, 1))
@@ -758,7 +759,8 @@ def generate_all(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]]
                  eos_token_ids: Sequence[int] | None = None, verify: str = "chain",
                  tree_budget: int | None = None,
                  on_tokens: Callable[[int, list[int]], None] | None = None,
-                 mesh: Any = None) -> list[GenerationResult]:
+                 mesh: Any = None, prefill_chunk_size: int = PREFILL_CHUNK
+                 ) -> list[GenerationResult]:
     """Generate for a list of prompts through one Engine (continuous batching; results in prompt
     order). Prompt i samples with seed + i. max_len: the cache (default: the longest prompt plus
     max_new_tokens, rounded up to a length bucket, within the model's limit). verify "tree":
@@ -783,7 +785,8 @@ def generate_all(params: Any, cfg: Qwen3Config, prompts: Sequence[Sequence[int]]
     if mesh is not None:
         slots = -(-slots // mesh.shape["data"]) * mesh.shape["data"]
     eng = Engine(params, cfg, slots=slots, max_len=max_len, mode=mode, block_size=block_size,
-                 eos_token_ids=eos_token_ids, verify=verify, tree_budget=tree_budget, mesh=mesh)
+                 eos_token_ids=eos_token_ids, verify=verify, tree_budget=tree_budget, mesh=mesh,
+                 chunk=prefill_chunk_size)
     index: dict[int, int] = {}
     reqs = []
     for i, p in enumerate(prompts):

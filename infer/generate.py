@@ -11,8 +11,8 @@ import sys
 from typing import Sequence
 
 from orthrus_jax.cli import (
-    ArgumentParser, add_parallel_arguments, add_verify_arguments, check_parallel_arguments,
-    default_compute_dtype, parse_dtype,
+    ArgumentParser, add_parallel_arguments, add_prefill_chunk_argument, add_verify_arguments,
+    check_parallel_arguments, default_compute_dtype, parse_dtype,
 )
 
 
@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="cache capacity in positions per slot: prompt + max-new-tokens must fit "
                         "(default: the longest prompt + max-new-tokens, rounded up to a length "
                         "bucket)")
+    add_prefill_chunk_argument(p)
     p.add_argument("--dtype", type=parse_dtype, default=None,
                    help="compute precision of weights and KV cache: fp32, bf16 or fp16 (float32, "
                         "bfloat16, float16 accepted); default bf16 on GPU/TPU, fp32 on CPU")
@@ -160,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
     kw = dict(mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
               top_k=args.top_k, top_p=args.top_p, seed=args.seed, block_size=args.block_size,
               max_len=args.max_len, verify=args.verify, tree_budget=args.tree_budget,
-              on_tokens=on_tokens)
+              prefill_chunk_size=args.prefill_chunk_size, on_tokens=on_tokens)
     results = engine.generate_all(params, cfg, ids, slots=args.batch_size, mesh=mesh, **kw)
     total = time.perf_counter() - t0
     if not lead:

@@ -24,8 +24,10 @@ from typing import Any, AsyncIterator, Sequence
 
 from starlette.requests import Request  # FastAPI resolves handler annotations at module level
 
-from orthrus_jax.cli import (ArgumentParser, add_parallel_arguments, add_verify_arguments,
-                             default_compute_dtype, parse_dtype)
+from orthrus_jax.cli import (
+    ArgumentParser, add_parallel_arguments, add_prefill_chunk_argument, add_verify_arguments,
+    default_compute_dtype, parse_dtype,
+)
 from orthrus_jax.paths import DEMO_MODEL_DIR, default_path
 
 GIB = 1024 ** 3
@@ -58,9 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests waiting for a slot, at most; more get 429 (default 256)")
     p.add_argument("--steps", type=int, default=None,
                    help="cycles per engine call, at most (default 8 orthrus, 16 ar)")
-    p.add_argument("--prefill-chunk", type=int, default=256,
-                   help="prompt tokens per prefill chunk, a power of two >= 32: a long prompt "
-                        "enters chunk by chunk between decode steps (default 256)")
+    add_prefill_chunk_argument(p, note="; a long prompt enters chunk by chunk between decode "
+                                       "steps")
     p.add_argument("--graceful-timeout", type=float, default=30.0,
                    help="on SIGTERM: seconds to let requests in flight finish before they are "
                         "cancelled (default 30)")
@@ -492,7 +493,7 @@ def serve(args: argparse.Namespace) -> int:
                tp, dp)
     tok = text.load_tokenizer(model_dir)
     cfg, params = load_any_model(model_dir, dtype, mesh, inference=True)
-    chunk = min(args.prefill_chunk, E.chunk_width(args.max_len))
+    chunk = min(args.prefill_chunk_size, E.chunk_width(args.max_len))
     try:
         engine = E.Engine(params, cfg, slots=args.slots, max_len=args.max_len, mode=args.mode,
                           block_size=args.block_size, steps=args.steps, chunk=chunk,

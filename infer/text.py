@@ -22,6 +22,20 @@ def encode(tok: Tokenizer, text: str) -> list[int]:
     return tok.encode(text, add_special_tokens=False).ids
 
 
+def joined_prompt_ids(tok: Tokenizer, prompts_path: str, n_tokens: int) -> list[int]:
+    """The first n_tokens of a JSONL file's "prompt" fields joined in file order (blank line
+    between them): one long prompt built from short ones, for long-context tests and benchmarks."""
+    ids: list[int] = []
+    with open(prompts_path) as f:
+        for line in f:
+            if line.strip():
+                ids += encode(tok, json.loads(line)["prompt"] + "\n\n")
+            if len(ids) >= n_tokens:
+                return ids[:n_tokens]
+    raise ConfigError(f"{prompts_path}: its prompts hold {len(ids)} tokens, fewer than the "
+                      f"{n_tokens} asked for")
+
+
 def decode(tok: Tokenizer, ids: Sequence[int]) -> str:
     return tok.decode(list(ids), skip_special_tokens=True)
 

@@ -9,6 +9,7 @@ from typing import Callable, NoReturn
 from orthrus_jax import compilation_cache
 from orthrus_jax.config import ConfigError
 from orthrus_jax.hf import ConversionError
+from orthrus_jax.model import PREFILL_CHUNK
 
 USER_ERRORS = (ConversionError, ConfigError, FileExistsError, FileNotFoundError, PermissionError)
 
@@ -103,3 +104,21 @@ def check_parallel_arguments(parser: argparse.ArgumentParser, args: argparse.Nam
     for flag in ("tensor_parallel_size", "data_parallel_size"):
         if getattr(args, flag) < 1:
             parser.error(f"argument --{flag.replace('_', '-')}: must be >= 1")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_prefill_chunk_argument(parser: argparse.ArgumentParser, note: str = "") -> None:
+    """--prefill-chunk-size C of every command that prefills (C >= 1, default PREFILL_CHUNK)."""
+    parser.add_argument("--prefill-chunk-size", type=_positive_int, default=PREFILL_CHUNK,
+                        metavar="C",
+                        help="prompt tokens per prefill chunk: prefill memory grows with the "
+                             f"chunk, not the prompt{note} (default {PREFILL_CHUNK})")

@@ -9,32 +9,44 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from orthrus_jax.attention import attention
 from orthrus_jax.cache import KVCache, write_cache
 from orthrus_jax.config import Qwen3Config
-from orthrus_jax.layers import apply_rope, rms_norm, rope_tables, swiglu_mlp, two_source_attention
+from orthrus_jax.layers import apply_rope, rms_norm, rope_tables, swiglu_mlp
 from orthrus_jax.params import Params
 
 Array = jax.Array
 AR_VIEW = ""
 DIFFUSION_VIEW = "_diff"
+PREFILL_CHUNK = 512  # prompt tokens per prefill chunk: the default of every prefilling path
 
 
-def _stack(params: Params, cfg: Qwen3Config, x: Array, positions: Array, prefix_k: Array,
-           prefix_v: Array, prefix_visible: Array, block_visible: Array, view: str,
-           remat: bool = False) -> tuple[Array, tuple[Array, Array]]:
-    """Run all layers on x [B, N, T, D]; returns (final-normed hidden, per-layer block K/V)."""
+def _stack(params: Params, cfg: Qwen3Config, x: Array, positions: Array,
+           prefix_k: Array | None, prefix_v: Array | None, prefix_len: Array | None,
+           causal: bool, view: str, remat: bool = False, block_mask: Array | None = None,
+           inference: bool = False) -> tuple[Array, tuple[Array, Array]]:
+    """Run all layers on x [B, N, T, D]; returns (final-normed hidden, per-layer block K/V).
+
+    prefix_k/v [layers, B, S, KV, hd] (or None: no prefix), prefix_len [B, N]: the prefix keys
+    each block sees; causal / block_mask: the block part's mask (see orthrus_jax.attention).
+    inference: attention loops over live key chunks only (cheapest; not reverse-differentiable).
+    """
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     b, n, t, _ = x.shape
 
     def layer(x, xs):
-        lp, pk, pv = xs
+        lp, i = xs
         h = rms_norm(x, lp["input_norm"], cfg.rms_norm_eps)
         q = (h @ lp["q_proj" + view]).reshape(b, n, t, cfg.num_heads, cfg.head_dim)
         k = (h @ lp["k_proj" + view]).reshape(b, n, t, cfg.num_kv_heads, cfg.head_dim)
         v = (h @ lp["v_proj" + view]).reshape(b, n, t, cfg.num_kv_heads, cfg.head_dim)
         q = apply_rope(rms_norm(q, lp["q_norm" + view], cfg.rms_norm_eps), cos, sin)
         k = apply_rope(rms_norm(k, lp["k_norm" + view], cfg.rms_norm_eps), cos, sin)
-        attn = two_source_attention(q, pk, pv, prefix_visible, k, v, block_visible)
+        # the whole cache and the layer index: attention reads this layer's live key chunks
+        # from it, with no per-layer copy of the cache
+        attn = attention(q, k, v, prefix_k=prefix_k, prefix_v=prefix_v, prefix_len=prefix_len,
+                         causal=causal, block_mask=block_mask, dynamic_skip=inference,
+                         layer=None if prefix_k is None else i)
         x = x + attn.reshape(b, n, t, cfg.q_dim) @ lp["o_proj" + view]
         h = rms_norm(x, lp["post_attn_norm"], cfg.rms_norm_eps)
         x = x + swiglu_mlp(h, lp["gate_proj"], lp["up_proj"], lp["down_proj"])
@@ -42,7 +54,7 @@ def _stack(params: Params, cfg: Qwen3Config, x: Array, positions: Array, prefix_
 
     if remat:
         layer = jax.checkpoint(layer)
-    x, kv = jax.lax.scan(layer, x, (params["layers"], prefix_k, prefix_v))
+    x, kv = jax.lax.scan(layer, x, (params["layers"], jnp.arange(cfg.num_layers)))
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), kv
 
 
@@ -60,54 +72,96 @@ def lm_logits(params: Params, hidden: Array) -> Array:
 
 def ar_block(params: Params, cfg: Qwen3Config, tokens: Array, cache: KVCache,
              offsets: Array | None = None, block_mask: Array | None = None,
-             remat: bool = False) -> tuple[Array, Array, Array]:
+             remat: bool = False, inference: bool = True) -> tuple[Array, Array, Array]:
     """AR view on tokens [B, T] over the committed cache [0, length); nothing is written.
 
     Token i sits at position length + offsets[:, i] (default i) and attends to the cache and to
     the block tokens j with block_mask[:, i, j] (default causal; [B, T, T] for a draft tree: its
     ancestors and itself). Returns (hidden [B, T, D], block K, block V [layers, B, T, kv, hd]).
+    inference: cost follows the live context (not reverse-differentiable; False to differentiate).
     """
     b, t = tokens.shape
     if offsets is None:
         offsets = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     positions = cache.length[:, None] + offsets
-    prefix_visible = jnp.arange(cache.max_len)[None, None, :] < cache.length[:, None, None]
-    if block_mask is None:
-        block_visible = jnp.tril(jnp.ones((t, t), dtype=bool))
-    else:  # per row, broadcast over [B, N, kv, group, T, T] scores
-        block_visible = block_mask[:, None, None, None]
     x = embed(params, tokens)[:, None]
-    hidden, (new_k, new_v) = _stack(params, cfg, x, positions[:, None], cache.k, cache.v,
-                                    prefix_visible, block_visible, AR_VIEW, remat)
+    hidden, (new_k, new_v) = _stack(
+        params, cfg, x, positions[:, None], cache.k, cache.v, cache.length[:, None], True,
+        AR_VIEW, remat, block_mask=None if block_mask is None else block_mask[:, None],
+        inference=inference)
     return hidden[:, 0], new_k[:, :, 0], new_v[:, :, 0]
 
 
 def ar_forward(params: Params, cfg: Qwen3Config, tokens: Array, cache: KVCache,
-               remat: bool = False) -> tuple[Array, KVCache]:
+               remat: bool = False, inference: bool = True) -> tuple[Array, KVCache]:
     """AR view on tokens [B, T] at positions length..length+T-1 of each row.
 
     Attends causally to the committed cache [0, length) and the new tokens; writes their K/V at
     each row's length. Returns (hidden [B, T, D], cache with K/V written, length unchanged).
+    inference: cost follows the live context (not reverse-differentiable; False to differentiate).
     """
-    hidden, new_k, new_v = ar_block(params, cfg, tokens, cache, remat=remat)
+    hidden, new_k, new_v = ar_block(params, cfg, tokens, cache, remat=remat, inference=inference)
     return hidden, write_cache(cache, new_k, new_v)
+
+
+def causal_forward(params: Params, cfg: Qwen3Config, tokens: Array, remat: bool = False
+                   ) -> tuple[Array, Array, Array]:
+    """AR view over whole rows tokens [B, L] at positions 0..L-1, with no cache (no scores
+    against an empty prefix). Returns (hidden [B, L, D], k, v [layers, B, L, KV, hd])."""
+    b, t = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, 1, t))
+    hidden, (k, v) = _stack(params, cfg, embed(params, tokens)[:, None], positions, None, None,
+                            None, True, AR_VIEW, remat)
+    return hidden[:, 0], k[:, :, 0], v[:, :, 0]
+
+
+def chunked_prefill(params: Params, cfg: Qwen3Config, tokens: Array, prompt_lens: Array,
+                    cache: KVCache, chunk: int) -> tuple[Array, KVCache]:
+    """AR prefill of right-padded prompts tokens [B, P] in chunks of `chunk` tokens.
+
+    Chunk i attends to the cache written by chunks < i (key chunks past it are skipped) and
+    causally to itself, so temporaries grow with the chunk, not the prompt. The rows start at
+    cache.length (the same for every row). Returns (hidden [B, D] at each row's last prompt
+    token, the cache with length += prompt_lens). Writes past the cache's end are dropped.
+    """
+    b, p = tokens.shape
+    chunk = max(1, min(chunk, p))
+    n_chunks = -(-p // chunk)
+    if n_chunks * chunk != p:
+        tokens = jnp.pad(tokens, ((0, 0), (0, n_chunks * chunk - p)))
+    start = cache.length
+    last_idx = (prompt_lens - 1).astype(jnp.int32)
+
+    def body(i, carry):
+        cache, last = carry
+        tok = jax.lax.dynamic_slice_in_dim(tokens, i * chunk, chunk, axis=1)
+        hidden, cache = ar_forward(params, cfg, tok, cache.replace(length=start + i * chunk))
+        rel = last_idx - i * chunk
+        here = (rel >= 0) & (rel < chunk)
+        pick = jnp.take_along_axis(hidden, jnp.clip(rel, 0, chunk - 1)[:, None, None], axis=1)
+        return cache, jnp.where(here[:, None], pick[:, 0], last)
+
+    last = jnp.zeros((b, cfg.hidden_size), params["embed"].dtype)
+    if n_chunks == 1:
+        cache, last = body(0, (cache, last))
+    else:
+        cache, last = jax.lax.fori_loop(0, n_chunks, body, (cache, last))
+    return last, cache.replace(length=(start + prompt_lens).astype(jnp.int32))
 
 
 def diffusion_forward(params: Params, cfg: Qwen3Config, tokens: Array, positions: Array,
                       prefix_k: Array, prefix_v: Array, prefix_len: Array,
-                      remat: bool = False) -> Array:
+                      remat: bool = False, inference: bool = False) -> Array:
     """Diffusion view on N blocks per row, tokens and positions [B, N, K].
 
     Each block sees prefix keys at positions < prefix_len [B, N] (per block) and all keys of its
     own block; prefix_k/v [layers, B, S, kv, hd] are read, never written. Returns hidden [B, N, K, D].
     Inference form: N = 1, prefix = the KV cache, prefix_len = cache.length. Training form:
     prefix = the row's AR K/V, prefix_len = each block's anchor position (dual-pass mask).
+    inference: cost follows the live context (not reverse-differentiable).
     """
-    k = tokens.shape[-1]
-    prefix_visible = jnp.arange(prefix_k.shape[2])[None, None, :] < prefix_len[:, :, None]
-    full = jnp.ones((k, k), dtype=bool)
     hidden, _ = _stack(params, cfg, embed(params, tokens), positions, prefix_k, prefix_v,
-                       prefix_visible, full, DIFFUSION_VIEW, remat)
+                       prefix_len, False, DIFFUSION_VIEW, remat, inference=inference)
     return hidden
 
 
@@ -119,5 +173,5 @@ def draft_block(params: Params, cfg: Qwen3Config, anchor: Array, cache: KVCache,
     tokens = jnp.concatenate([anchor[:, None], jnp.full((b, k - 1), cfg.mask_token_id, anchor.dtype)], 1)
     positions = cache.length[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
     hidden = diffusion_forward(params, cfg, tokens[:, None], positions[:, None], cache.k, cache.v,
-                               cache.length[:, None])
+                               cache.length[:, None], inference=True)
     return hidden[:, 0]

@@ -56,8 +56,10 @@ def test_decoder_code_paths_at_every_qwen3_size(size, greedy):
     i32 = lambda *s: jax.ShapeDtypeStruct(s, jnp.int32)  # noqa: E731
     sampling = decoder.Sampling.make(0.7, 0.8)
     key = jax.ShapeDtypeStruct((2,), jnp.uint32)
-    state = jax.eval_shape(lambda p, t, n, m, k: decoder.prefill_fn(p, spec, t, n, m, sampling, k),
-                           params, i32(batch, prompt), i32(batch), i32(batch), key)
+    cache = jax.eval_shape(lambda: decoder.empty_cache(spec, batch, prompt, jnp.bfloat16))
+    state = jax.eval_shape(
+        lambda p, c, t, n, m, k: decoder.prefill_fn(p, spec, c, t, n, m, sampling, k),
+        params, cache, i32(batch, prompt), i32(batch), i32(batch), key)
     assert state.cache.k.shape == (cfg.num_layers, batch, spec.cache_len(prompt),
                                    cfg.num_kv_heads, cfg.head_dim)
     assert state.cache.k.dtype == jnp.bfloat16

@@ -15,6 +15,7 @@ import torch
 
 from orthrus_jax.hf import read_hf_params
 from orthrus_jax import ar_forward, diffusion_forward, draft_block, init_cache, lm_logits
+from orthrus_jax.model import causal_forward
 from orthrus_jax.params import cast_params
 from tests.conftest import DEV_PROMPTS
 from tests.hf_fixtures import (
@@ -253,10 +254,9 @@ def test_dual_pass_mask_causality_by_gradient(tiny):
 
     def block_outputs(embed):
         p = {**params, "embed": embed}
-        cache = init_cache(cfg, 1, seq, jnp.float32)
-        _, cache = ar_forward(p, cfg, jnp.asarray(rows, jnp.int32), cache)
+        _, row_k, row_v = causal_forward(p, cfg, jnp.asarray(rows, jnp.int32))  # as training
         hidden = diffusion_forward(p, cfg, jnp.asarray(blocks, jnp.int32),
-                                   jnp.asarray(positions, jnp.int32), cache.k, cache.v,
+                                   jnp.asarray(positions, jnp.int32), row_k, row_v,
                                    jnp.asarray(anchors, jnp.int32))
         return jnp.sum(hidden[0] ** 2, axis=(1, 2))  # one scalar per block
 

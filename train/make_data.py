@@ -38,19 +38,21 @@ from infer.text import chat_prompt, encode, load_tokenizer
 from orthrus_jax import sharding as shd
 from orthrus_jax.checkpoint import load_any_model
 from orthrus_jax.cli import (
-    ArgumentParser, add_parallel_arguments, check_parallel_arguments, default_compute_dtype,
-    parse_dtype, run_cli,
+    ArgumentParser, add_parallel_arguments, add_prefill_chunk_argument, check_parallel_arguments,
+    default_compute_dtype, parse_dtype, run_cli,
 )
 from orthrus_jax.config import ConfigError, Qwen3Config, load_config
+from orthrus_jax.model import PREFILL_CHUNK
 
 
 def greedy_generate(params, cfg: Qwen3Config, prompts: list[list[int]], max_new: int,
-                    mesh=None, slots: int = 128, max_len: int | None = None) -> list[list[int]]:
+                    mesh=None, slots: int = 128, max_len: int | None = None,
+                    prefill_chunk_size: int = PREFILL_CHUNK) -> list[list[int]]:
     """Greedy continuations (cut after the first EOS, which is kept) for token-id prompts on the
     continuous-batching engine (a finished row's slot takes the next prompt at once), over a
     device mesh when one is given (params placed on it)."""
     results = generate_all(params, cfg, prompts, mode="ar", max_new_tokens=max_new, slots=slots,
-                           max_len=max_len, mesh=mesh)
+                           max_len=max_len, mesh=mesh, prefill_chunk_size=prefill_chunk_size)
     return [_cut_eos(list(map(int, r.token_ids)), cfg) for r in results]
 
 
@@ -101,12 +103,13 @@ def make_data(model_dir: str, prompts_path: str, out_dir: str, max_new_tokens: i
               limit: int | None = None, chunk_size: int = 256, batch_size: int = 128,
               max_prompt_tokens: int = 1024, chat: bool = False, system: str | None = None,
               dtype: str | None = None, tensor: int = 1, data: int = 1,
-              distributed: bool = False) -> str:
+              distributed: bool = False, prefill_chunk_size: int = PREFILL_CHUNK) -> str:
     """Generate (or resume) OUT_DIR. Chunk c holds prompts [c * chunk_size, (c + 1) * chunk_size)
     of the first `limit`; a chunk is reused when it holds at least the prompts it should (one
     made with a larger --limit is cut), and generated again when it holds fewer (one made with a
     smaller --limit). dtype: the teacher's compute dtype (default_compute_dtype() when None);
-    tensor / data: the inference mesh; with several processes only the first writes."""
+    tensor / data: the inference mesh; with several processes only the first writes; prompts
+    are prefilled prefill_chunk_size tokens at a time."""
     tok = load_tokenizer(model_dir)
     texts = read_prompts(prompts_path, limit)
     if not texts:
@@ -151,7 +154,7 @@ def make_data(model_dir: str, prompts_path: str, out_dir: str, max_new_tokens: i
         ids = ids_of(texts[c * chunk_size:(c + 1) * chunk_size])
         ids = [p if p else [cfg.eos_token_ids[0] if cfg.eos_token_ids else 0] for p in ids]
         conts = greedy_generate(params, cfg, ids, max_new_tokens, mesh=mesh, slots=batch_size,
-                                max_len=max_len)
+                                max_len=max_len, prefill_chunk_size=prefill_chunk_size)
         if not writer:
             continue
         toks = np.concatenate([np.asarray(p + q, np.int32) for p, q in zip(ids, conts)])
@@ -196,7 +199,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--limit", type=int, default=None)
-    ap.add_argument("--chunk-size", type=int, default=256)
+    ap.add_argument("--chunk-size", type=int, default=256,
+                    help="prompts per resumable output chunk (default 256)")
+    add_prefill_chunk_argument(ap)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--max-prompt-tokens", type=int, default=1024)
     ap.add_argument("--chat", action="store_true",
@@ -220,7 +225,7 @@ def main(argv=None) -> int:
     return run_cli(lambda: make_data(a.model, a.prompts, a.out, a.max_new_tokens, a.limit,
                                      a.chunk_size, a.batch_size, a.max_prompt_tokens, a.chat,
                                      a.system, a.dtype, a.tensor_parallel_size,
-                                     a.data_parallel_size, a.distributed))
+                                     a.data_parallel_size, a.distributed, a.prefill_chunk_size))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from orthrus_jax.cache import init_cache
 from orthrus_jax.config import Qwen3Config
-from orthrus_jax.model import ar_forward, diffusion_forward, lm_logits
+from orthrus_jax.model import causal_forward, diffusion_forward, lm_logits
 from orthrus_jax.params import Params, merge_params
 
 Array = jax.Array
@@ -89,18 +88,20 @@ def row_loss_terms(trainable: Params, backbone: Params, cfg: Qwen3Config, batch:
     # the compute copy is in compute dtype (frozen weights already are).
     cast_train = jax.tree_util.tree_map(lambda x: x.astype(dt), trainable)
     frozen = jax.lax.stop_gradient(merge_params(backbone, jax.lax.stop_gradient(cast_train)))
-    hidden_ar, cache = ar_forward(frozen, cfg, tokens, init_cache(cfg, r, seq_len, dt), opts.remat)
+    # A plain causal pass over the row (no cache: no scores against an empty prefix).
+    hidden_ar, prefix_k, prefix_v = causal_forward(frozen, cfg, tokens, opts.remat)
     # Teacher distributions at every row position, once (gathered per block position below).
     teacher = jax.lax.stop_gradient(teacher_stats(lm_logits(frozen, hidden_ar)))
-    prefix_k, prefix_v = jax.lax.stop_gradient(cache.k), jax.lax.stop_gradient(cache.v)
+    prefix_k, prefix_v = jax.lax.stop_gradient(prefix_k), jax.lax.stop_gradient(prefix_v)
 
     tgt = block_targets(tokens, mask, anchors, anchor_valid, k)
     anchor_tok = jnp.take_along_axis(tokens, anchors, axis=1)                       # [R, B]
     block_tokens = jnp.concatenate(
         [anchor_tok[..., None], jnp.full((r, nb, k - 1), cfg.mask_token_id, tokens.dtype)], -1)
 
-    # 2. Diffusion pass + KL, over groups of blocks so that the [blocks, K, V] logits and the
-    # [B, N, KV, G, K, S] attention scores exist for one group at a time (checkpointed map).
+    # 2. Diffusion pass + KL, over groups of blocks so that the [blocks, K, V] logits exist for
+    # one group at a time (checkpointed map). Anchors are sorted, so each group's attention
+    # (orthrus_jax.attention) scores only the AR key chunks before its last anchor.
     g = opts.anchor_chunks
     assert nb % g == 0, f"anchors_per_row={nb} must divide by anchor_chunks={g}"
 

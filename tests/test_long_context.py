@@ -1,0 +1,131 @@
+"""Long prompts: chunked prefill equals one-shot prefill; 3,000+ token prompts on the micro model
+and an 8K prompt on a tiny 16K-position config equal HF transformers (fp32, sdpa) and give
+Orthrus greedy == AR greedy; a prompt that does not fit the cache is a one-line error."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from orthrus_jax.hf import read_hf_params
+from infer import decoder
+from infer.text import joined_prompt_ids, load_tokenizer
+from orthrus_jax import init_cache, lm_logits
+from orthrus_jax.model import ar_forward, chunked_prefill
+from tests.conftest import DEV_PROMPTS
+from tests.hf_fixtures import randomize_, save_hf_model
+
+REL_TOL = 1e-4
+prefill_jit = jax.jit(chunked_prefill, static_argnums=(1, 5))
+ar_jit = jax.jit(ar_forward, static_argnums=1)
+logits_jit = jax.jit(lm_logits)
+
+
+def long_prompt(model_dir, n_tokens: int) -> list[int]:
+    """Dev prompts joined until n_tokens: built at test time from the test bed."""
+    return joined_prompt_ids(load_tokenizer(str(model_dir)), str(DEV_PROMPTS), n_tokens)
+
+
+def all_logits(params, cfg, tokens: np.ndarray, chunk: int) -> np.ndarray:
+    """Logits at every position of one row, the row fed through the cache chunk by chunk."""
+    t = tokens.shape[1]
+    cache = init_cache(cfg, 1, t, params["embed"].dtype)
+    out = []
+    for s in range(0, t, chunk):
+        hidden, cache = ar_jit(params, cfg, jnp.asarray(tokens[:, s:s + chunk]), cache)
+        cache = cache.replace(length=cache.length + hidden.shape[1])
+        out.append(np.asarray(logits_jit(params, hidden)))
+    return np.concatenate(out, axis=1)
+
+
+def hf_sdpa_logits(hf_dir, tokens: np.ndarray) -> np.ndarray:
+    from transformers import Qwen3ForCausalLM
+
+    model = Qwen3ForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32,
+                                             attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens, dtype=torch.long), use_cache=False).logits.numpy()
+
+
+def assert_close(ours, ref, rel=REL_TOL):
+    err, scale = np.abs(ours - ref).max(), np.abs(ref).max()
+    assert err <= rel * scale, f"max abs diff {err:.3g} > {rel:g} * logit scale {scale:.3g}"
+
+
+def check_orthrus_equals_ar(params, cfg, prompt, max_new, chunk):
+    kw = dict(max_new_tokens=max_new, batch_size=1, prefill_chunk_size=chunk, block_size=8)
+    ar = decoder.generate(params, cfg, [prompt], mode="ar", **kw)[0]
+    ort = decoder.generate(params, cfg, [prompt], mode="orthrus", **kw)[0]
+    assert len(ar.token_ids) == max_new or ar.stats.finish_reason == "eos"
+    assert ort.token_ids == ar.token_ids
+    return ar
+
+
+def test_chunked_prefill_equals_one_shot(micro_fp32):
+    """Ragged rows (300 and 171 tokens): chunks of 64 (a partial last chunk) give the one-shot
+    prefill's last hidden state and cache entries."""
+    cfg, params = micro_fp32
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, cfg.vocab_size, (2, 300)).astype(np.int32)
+    lens = jnp.asarray([300, 171], jnp.int32)
+    outs = []
+    for chunk in (300, 64):
+        cache = init_cache(cfg, 2, 340, jnp.float32)
+        outs.append(prefill_jit(params, cfg, jnp.asarray(tokens), lens, cache, chunk))
+    (h1, c1), (h2, c2) = outs
+    np.testing.assert_allclose(np.asarray(h2), np.asarray(h1), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(c2.length), [300, 171])
+    for r, n in enumerate([300, 171]):
+        np.testing.assert_allclose(np.asarray(c2.k[:, r, :n]), np.asarray(c1.k[:, r, :n]),
+                                   atol=1e-5)
+        np.testing.assert_allclose(np.asarray(c2.v[:, r, :n]), np.asarray(c1.v[:, r, :n]),
+                                   atol=1e-5)
+
+
+def test_micro_3000_token_prompt_matches_hf_and_orthrus_equals_ar(micro_fp32, micro_model_dir):
+    cfg, params = micro_fp32
+    prompt = long_prompt(micro_model_dir, 3000)
+    tokens = np.asarray(prompt, np.int32)[None]
+    assert_close(all_logits(params, cfg, tokens, 512), hf_sdpa_logits(micro_model_dir, tokens))
+    check_orthrus_equals_ar(params, cfg, prompt, max_new=48, chunk=512)
+
+
+@pytest.fixture(scope="module")
+def tiny_16k(tmp_path_factory):
+    """A tiny random Qwen3 (2 layers, width 32) with 16,384 positions, saved as an HF dir."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    hf_cfg = Qwen3Config(
+        vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
+        max_position_embeddings=16384, rms_norm_eps=1e-6, eos_token_id=0, pad_token_id=0,
+        bos_token_id=None, rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(hf_cfg).eval()
+    randomize_(model, 0)
+    out = save_hf_model(model, str(tmp_path_factory.mktemp("tiny16k")),
+                        config_updates={"block_size": 8, "mask_token_id": 127})
+    cfg, params = read_hf_params(out, jnp.float32)
+    return out, cfg, params
+
+
+def test_tiny_16k_config_8k_prompt_matches_hf_and_orthrus_equals_ar(tiny_16k):
+    hf_dir, cfg, params = tiny_16k
+    assert cfg.max_position_embeddings >= 16384
+    rng = np.random.default_rng(1)
+    prompt = rng.integers(1, 127, 8200).tolist()
+    tokens = np.asarray(prompt, np.int32)[None]
+    assert_close(all_logits(params, cfg, tokens, 1024), hf_sdpa_logits(hf_dir, tokens))
+    check_orthrus_equals_ar(params, cfg, prompt, max_new=24, chunk=1024)
+
+
+def test_prompt_that_does_not_fit_the_cache_is_one_line_error(tiny_16k):
+    _, cfg, params = tiny_16k
+    with pytest.raises(decoder.GenerationError) as e:
+        decoder.generate(params, cfg, [[5] * 9000], max_new_tokens=16, max_len=9000)
+    msg = str(e.value)
+    assert "\n" not in msg and "9000 tokens" in msg and "9016" in msg and "holds 9000" in msg
+    with pytest.raises(decoder.GenerationError, match="prefill_chunk_size must be >= 1"):
+        decoder.generate(params, cfg, [[5]], max_new_tokens=4, prefill_chunk_size=0)
