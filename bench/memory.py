@@ -10,8 +10,8 @@ XLA's memory analysis gives, per device, its arguments, outputs, aliased (donate
 temporaries; `peak_bytes` = arguments + outputs - aliased + temporaries.
 
 --program decoder (default): infer.decoder's prefill (the prompt, in chunks of 512 tokens, into
-a donated empty cache; first token sampled) and one Orthrus cycle (draft + verify) of the batch. The KV cache is an
-output of prefill and a donated argument and output of the cycle, never a temporary.
+a donated empty cache; first token sampled) and one Orthrus cycle (draft + verify) of the batch.
+The KV cache is a donated argument and output of both, never a temporary.
 `prefill_temp_bytes` is the largest temporary memory of any program prefill runs.
 
 --program make-data: train.make_data's decode, infer.engine in AR mode with --batch slots
