@@ -14,6 +14,11 @@ compared token for token (Orthrus vs our AR vs HF). The HF peer runs on torch's 
 count unless --torch-threads N; the count used and the load average at the start and the end of
 the run are recorded (torch on a few shared cores is sensitive to other load). --num-prompts must
 be at least the largest batch size. Writes decode-<stamp>.{json,md,png}.
+
+    python -m bench.decode --context-lengths 256,1024,2048,3584 [--max-new-tokens 128]
+
+instead times batch 1 per context length: ours (AR, Orthrus) TTFT and tokens/s beside HF's
+prefill time for the same prompt (bench/decode_context.py; decode-context-<stamp>.*).
 """
 from __future__ import annotations
 
@@ -298,6 +303,8 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.context_lengths:
+        return run_context_lengths(args)
     try:
         batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
     except ValueError:
@@ -382,6 +389,27 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return record
 
 
+def run_context_lengths(args: argparse.Namespace) -> dict[str, Any]:
+    from bench.decode_context import run_context
+
+    try:
+        lengths = [int(n) for n in str(args.context_lengths).split(",") if n.strip()]
+    except ValueError:
+        raise common.UsageError(f"--context-lengths {args.context_lengths!r}: give "
+                                f"comma-separated integers, e.g. 256,1024") from None
+    if not lengths or min(lengths) < 1:
+        raise common.UsageError(f"--context-lengths {args.context_lengths!r}: must be >= 1")
+    cfg, params = load_any_model(args.model, jnp.dtype(args.dtype))
+    if max(lengths) + args.max_new_tokens > cfg.max_position_embeddings:
+        raise common.UsageError(
+            f"--context-lengths up to {max(lengths)} + --max-new-tokens {args.max_new_tokens} "
+            f"exceed the model's max_position_embeddings {cfg.max_position_embeddings}")
+    args.tokenizer_file = args.tokenizer or find_tokenizer(args.model, args.hf_dir)
+    hf = (HFPeer(args.hf_dir, args.dtype, args.torch_threads)
+          if "hf" in args.engines.split(",") else None)
+    return run_context(args, cfg, params, hf, lengths)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(prog="python -m bench.decode", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -410,6 +438,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "fp16 (float32, bfloat16, float16 accepted); below fp32 our AR is also "
                         "run in fp32 once and compared (ar==ar_fp32)")
     add_prefill_chunk_argument(p)
+    p.add_argument("--context-lengths", default=None, metavar="L1,L2,...",
+                   help="instead of the batch sweep: batch 1, one prompt of each length (dev "
+                        "prompts joined); TTFT and tokens/s of ours (AR, Orthrus) beside HF's "
+                        "prefill time (bench/decode_context.py)")
     p.add_argument("--eos", default=None, help="comma-separated EOS ids (default: model config)")
     p.add_argument("--pad-id", type=int, default=None, help="HF pad id (default: first EOS)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per config; best is kept")
