@@ -38,7 +38,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_
           "{% if enable_thinking is defined and enable_thinking is false %}"
           "<think>\n\n</think>\n\n{% endif %}{% endif %}")
 SERVER_ARGS = ["--served-model-name", NAME, "--slots", "4", "--max-len", str(MAX_LEN),
-               "--prefill-chunk", "32", "--mode", "orthrus", "--block-size", "8",
+               "--prefill-chunk-size", "32", "--mode", "orthrus", "--block-size", "8",
                "--verify", "tree", "--tree-budget", "12"]
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
