@@ -302,16 +302,22 @@ def markdown(record: dict[str, Any]) -> str:
 # driver
 
 
+def positive_ints(flag: str, text: str, example: str) -> list[int]:
+    """A flag's comma-separated integers, each >= 1 (a one-line usage error otherwise)."""
+    try:
+        values = [int(x) for x in str(text).split(",") if x.strip()]
+    except ValueError:
+        raise common.UsageError(f"{flag} {text!r}: give comma-separated integers, e.g. "
+                                f"{example}") from None
+    if not values or min(values) < 1:
+        raise common.UsageError(f"{flag} {text!r}: sizes must be >= 1")
+    return values
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     if args.context_lengths:
         return run_context_lengths(args)
-    try:
-        batch_sizes = [int(b) for b in str(args.batch_sizes).split(",") if b.strip()]
-    except ValueError:
-        raise common.UsageError(f"--batch-sizes {args.batch_sizes!r}: give comma-separated "
-                                f"integers, e.g. 1,4,8") from None
-    if not batch_sizes or min(batch_sizes) < 1:
-        raise common.UsageError(f"--batch-sizes {args.batch_sizes!r}: sizes must be >= 1")
+    batch_sizes = positive_ints("--batch-sizes", args.batch_sizes, "1,4,8")
     if args.num_prompts < max(batch_sizes):
         raise common.UsageError(
             f"--num-prompts {args.num_prompts} is smaller than the largest of --batch-sizes "
@@ -392,13 +398,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def run_context_lengths(args: argparse.Namespace) -> dict[str, Any]:
     from bench.decode_context import run_context
 
-    try:
-        lengths = [int(n) for n in str(args.context_lengths).split(",") if n.strip()]
-    except ValueError:
-        raise common.UsageError(f"--context-lengths {args.context_lengths!r}: give "
-                                f"comma-separated integers, e.g. 256,1024") from None
-    if not lengths or min(lengths) < 1:
-        raise common.UsageError(f"--context-lengths {args.context_lengths!r}: must be >= 1")
+    lengths = positive_ints("--context-lengths", args.context_lengths, "256,1024")
     cfg, params = load_any_model(args.model, jnp.dtype(args.dtype))
     if max(lengths) + args.max_new_tokens > cfg.max_position_embeddings:
         raise common.UsageError(

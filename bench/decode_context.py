@@ -1,0 +1,139 @@
+"""Decode speed against context length at batch 1: ours (AR and Orthrus) beside HF's prefill.
+
+    python -m bench.decode --context-lengths 256,1024,2048,3584 [--max-new-tokens 128]
+
+Per context length L, one prompt of L tokens (the dev prompts joined, `infer.text.
+joined_prompt_ids`) runs through `infer.decoder.generate` in AR and Orthrus mode (greedy, batch
+1), each warmed up once (compile excluded) and then timed (best of --repeats): time to first token
+(the chunked prefill, `--prefill-chunk-size`), decode tokens/s after the first token, and
+tokens/s overall. Beside them: HF transformers' prefill time for the same prompt (one forward
+pass, warmed up, best of --repeats). Writes decode-context-STAMP.{json,md,png}.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from bench import common
+from infer import decoder
+from infer.text import joined_prompt_ids, load_tokenizer
+
+PAPER_CLAIM = ("Orthrus paper (see the method notes): Orthrus throughput stays nearly flat as the "
+               "context grows from 1K to 40K tokens, while DFlash loses 45 %")
+TTFT_TARGET_FROM = 3000   # the target: TTFT of a >= 3,000-token prompt <= HF's prefill time
+
+
+def hf_prefill_seconds(hf, ids: list[int], repeats: int) -> float:
+    torch = hf.torch
+    x = torch.tensor([ids], dtype=torch.long)
+
+    def once():
+        with torch.inference_mode():
+            hf.model(input_ids=x, use_cache=True)
+
+    once()
+    return common.best_of(once, repeats)[1]
+
+
+def ours(params, cfg, mode: str, ids: list[int], args) -> dict[str, Any]:
+    def once():
+        r = decoder.generate(params, cfg, [ids], mode=mode, max_new_tokens=args.max_new_tokens,
+                             batch_size=1, block_size=args.block_size,
+                             prefill_chunk_size=args.prefill_chunk_size)[0]
+        return r
+
+    once()  # compile
+    best = None
+    for _ in range(max(args.repeats, 1)):
+        r = once()
+        if best is None or r.stats.time_s < best.stats.time_s:
+            best = r
+    s = best.stats
+    decode_s = max(s.time_s - s.ttft_s, 1e-9)
+    return {"ttft_s": s.ttft_s, "time_s": s.time_s, "tokens": s.tokens,
+            "tokens_per_s": s.tokens_per_s, "decode_tokens_per_s": (s.tokens - 1) / decode_s,
+            "tpf": s.tpf, "acceptance_length": s.acceptance_length, "token_ids": best.token_ids}
+
+
+def run_context(args, cfg, params, hf, lengths: list[int]) -> dict[str, Any]:
+    record = common.header("decode-context", args)
+    tok = load_tokenizer(os.path.dirname(args.tokenizer_file))
+    rows = []
+    for n in lengths:
+        ids = joined_prompt_ids(tok, args.prompts, n)
+        row = {"context": n, "hf_prefill_s": hf_prefill_seconds(hf, ids, args.repeats)
+               if hf is not None else None}
+        for mode in ("ar", "orthrus"):
+            row[mode] = ours(params, cfg, mode, ids, args)
+        row["orthrus_equals_ar"] = row["orthrus"].pop("token_ids") == row["ar"].pop("token_ids")
+        rows.append(row)
+        print(f"context {n:6d}: TTFT ours {row['ar']['ttft_s']:.3f} s"
+              + (f" (HF prefill {row['hf_prefill_s']:.3f} s)" if hf is not None else "")
+              + f", AR {row['ar']['decode_tokens_per_s']:.1f} tok/s, Orthrus "
+              f"{row['orthrus']['decode_tokens_per_s']:.1f} tok/s (TPF "
+              f"{row['orthrus']['tpf']:.3g}), Orthrus == AR: {row['orthrus_equals_ar']}",
+              flush=True)
+    first = rows[0]
+    for r in rows:
+        r["orthrus_tps_over_first"] = (r["orthrus"]["decode_tokens_per_s"]
+                                       / first["orthrus"]["decode_tokens_per_s"])
+        r["ar_tps_over_first"] = r["ar"]["decode_tokens_per_s"] / first["ar"]["decode_tokens_per_s"]
+        r["ttft_over_hf_prefill"] = (r["ar"]["ttft_s"] / r["hf_prefill_s"]
+                                     if r["hf_prefill_s"] else None)
+    targets = [common.target(
+        f"HF prefill time / our TTFT >= 1 at context {r['context']}",
+        1.0 / r["ttft_over_hf_prefill"] if r["ttft_over_hf_prefill"] else None, 1.0,
+        "batch 1, compile excluded") for r in rows if r["context"] >= TTFT_TARGET_FROM]
+    record.update(rows=rows, targets=targets, paper_claim=PAPER_CLAIM)
+    files = common.write_record(args.out_dir, "decode-context", record, markdown,
+                                chart=lambda path: plot(path, rows, record))
+    common.print_targets(targets)
+    print(f"wrote {', '.join(files.values())}")
+    return record
+
+
+def markdown(record: dict[str, Any]) -> str:
+    a = record["args"]
+    table = [[r["context"], r["hf_prefill_s"], r["ar"]["ttft_s"], r["ttft_over_hf_prefill"],
+              r["ar"]["decode_tokens_per_s"], r["orthrus"]["decode_tokens_per_s"],
+              r["orthrus_tps_over_first"], r["orthrus"]["tpf"],
+              r["orthrus"]["acceptance_length"], r["orthrus_equals_ar"]] for r in record["rows"]]
+    lines = [common.md_preamble("Decode speed against context length (batch 1)", record),
+             f"- model `{a['model']}`, HF peer `{a['hf_dir']}`, prompts: `{a['prompts']}` joined "
+             f"and cut to each context length; max_new_tokens {a['max_new_tokens']}, greedy, "
+             f"prefill chunk {a['prefill_chunk_size']}",
+             "- TTFT = our chunked prefill to the first token on the host; decode tok/s = "
+             "(tokens - 1) / (time - TTFT); compile excluded. On this CPU the micro model is "
+             "compute-bound: ratios across context lengths transfer, absolute figures do not.",
+             f"- {record['paper_claim']}.\n",
+             common.md_table(["context", "HF prefill s", "our TTFT s", "TTFT / HF prefill",
+                              "AR tok/s", "Orthrus tok/s", "Orthrus vs first context",
+                              "Orthrus TPF", "Orthrus AL", "Orthrus == AR"], table),
+             "\n## Targets\n"]
+    lines += [f"- **{t['status']}** {t['target']}: "
+              + ("n/a" if t["value"] is None else f"{t['value']:.3g}") + f"; {t['detail']}"
+              for t in record["targets"]]
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: str, rows, record) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ctx = [r["context"] for r in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 4))
+    a1.plot(ctx, [r["ar"]["decode_tokens_per_s"] for r in rows], "o-", label="ours, AR")
+    a1.plot(ctx, [r["orthrus"]["decode_tokens_per_s"] for r in rows], "o-", label="ours, Orthrus")
+    a1.set(xlabel="context tokens", ylabel="decode tokens/s (batch 1)", ylim=(0, None),
+           title="decode throughput vs context")
+    a1.legend()
+    a2.plot(ctx, [r["ar"]["ttft_s"] for r in rows], "o-", label="ours: time to first token")
+    if rows[0]["hf_prefill_s"] is not None:
+        a2.plot(ctx, [r["hf_prefill_s"] for r in rows], "s--", label="HF transformers prefill")
+    a2.set(xlabel="context tokens", ylabel="seconds", ylim=(0, None), title="prefill")
+    a2.legend()
+    fig.suptitle(f"micro model, {common.device_label(record['machine'])}, {record['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
