@@ -121,8 +121,9 @@ def chunked_prefill(params: Params, cfg: Qwen3Config, tokens: Array, prompt_lens
 
     Chunk i attends to the cache written by chunks < i (key chunks past it are skipped) and
     causally to itself, so temporaries grow with the chunk, not the prompt. The rows start at
-    cache.length (the same for every row). Returns (hidden [B, D] at each row's last prompt
-    token, the cache with length += prompt_lens). Writes past the cache's end are dropped.
+    cache.length (the same for every row); chunks past the longest prompt are not run (their
+    cache entries stay stale). Returns (hidden [B, D] at each row's last prompt token, the cache
+    with length += prompt_lens). Writes past the cache's end are dropped.
     """
     b, p = tokens.shape
     chunk = max(1, min(chunk, p))
@@ -144,8 +145,9 @@ def chunked_prefill(params: Params, cfg: Qwen3Config, tokens: Array, prompt_lens
     last = jnp.zeros((b, cfg.hidden_size), params["embed"].dtype)
     if n_chunks == 1:
         cache, last = body(0, (cache, last))
-    else:
-        cache, last = jax.lax.fori_loop(0, n_chunks, body, (cache, last))
+    else:  # chunks past every row's prompt (bucket padding) are skipped: a traced trip count
+        n_live = jnp.clip((jnp.max(prompt_lens) + chunk - 1) // chunk, 1, n_chunks)
+        cache, last = jax.lax.fori_loop(0, n_live.astype(jnp.int32), body, (cache, last))
     return last, cache.replace(length=(start + prompt_lens).astype(jnp.int32))
 
 

@@ -64,15 +64,16 @@ def check_orthrus_equals_ar(params, cfg, prompt, max_new, chunk):
 
 
 def test_chunked_prefill_equals_one_shot(micro_fp32):
-    """Ragged rows (300 and 171 tokens): chunks of 64 (a partial last chunk) give the one-shot
-    prefill's last hidden state and cache entries."""
+    """Ragged rows (300 and 171 tokens) in a 400-token bucket: chunks of 64 (a partial chunk,
+    and chunks of padding only, which are skipped) give the one-shot prefill's last hidden state
+    and cache entries."""
     cfg, params = micro_fp32
     rng = np.random.default_rng(0)
-    tokens = rng.integers(2, cfg.vocab_size, (2, 300)).astype(np.int32)
+    tokens = rng.integers(2, cfg.vocab_size, (2, 400)).astype(np.int32)
     lens = jnp.asarray([300, 171], jnp.int32)
     outs = []
-    for chunk in (300, 64):
-        cache = init_cache(cfg, 2, 340, jnp.float32)
+    for chunk in (400, 64):
+        cache = init_cache(cfg, 2, 440, jnp.float32)
         outs.append(prefill_jit(params, cfg, jnp.asarray(tokens), lens, cache, chunk))
     (h1, c1), (h2, c2) = outs
     np.testing.assert_allclose(np.asarray(h2), np.asarray(h1), atol=1e-5)
