@@ -65,7 +65,7 @@ def test_mesh_greedy_equals_one_device(tiny_params, tiny_ref, tensor, data):
         assert [r.token_ids for r in got] == tiny_ref[mode], (tensor, data, mode)
 
 
-@pytest.mark.parametrize("tensor,data,verify", [(2, 1, "chain"), (2, 2, "tree")])
+@pytest.mark.parametrize("tensor,data,verify", [(2, 1, "chain"), (4, 1, "chain"), (2, 2, "tree")])
 def test_engine_on_mesh_equals_one_device(tiny_params, tiny_ref, tensor, data, verify):
     """The continuous-batching engine over the mesh, 3 requests in 2 slots (a finished slot is
     refilled), gives one device's greedy tokens (chain, or a draft tree of 6 nodes); its slot
