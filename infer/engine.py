@@ -381,10 +381,7 @@ def _put_rows(full: SlotState, part: SlotState) -> SlotState:
 
 def row_bucket(n: int, slots: int) -> int:
     """Rows a generate call runs: the next power of two >= n, at most slots (few compiles)."""
-    r = 1
-    while r < n:
-        r *= 2
-    return min(r, slots)
+    return min(_power_of_two_at_least(n), slots)
 
 
 def release_fn(spec: EngineSpec, state: SlotState, mask: Array) -> SlotState:
@@ -405,12 +402,17 @@ release_jit = jax.jit(release_fn, static_argnums=(0,), donate_argnums=(1,))
 # host side
 
 
-def chunk_width(n: int) -> int:
-    """Padded width of a prefill chunk of n tokens: a power of two, at least 32 (few compiles)."""
-    w = 32
+def _power_of_two_at_least(n: int, least: int = 1) -> int:
+    """The smallest power of two >= n, starting from `least` (a power of two)."""
+    w = least
     while w < n:
         w *= 2
     return w
+
+
+def chunk_width(n: int) -> int:
+    """Padded width of a prefill chunk of n tokens: a power of two, at least 32 (few compiles)."""
+    return _power_of_two_at_least(n, 32)
 
 
 def seed_key(seed: int) -> np.ndarray:
