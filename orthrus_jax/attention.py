@@ -106,16 +106,27 @@ def attention(q: Array, block_k: Array, block_v: Array, *, prefix_k: Array | Non
 # XLA: online softmax over key chunks
 
 
-def _update(state, s, vis, v, v_eq):
-    """One online-softmax step: scores s [..., Tq, kc] (fp32), visibility vis, values v."""
+def _update(state, s, vis, v, pv_dot):
+    """One online-softmax step: scores s [..., M, kc] (fp32), visibility vis, values v.
+
+    Invisible scores become -inf; the running max starts finite (_NEG), so exp of an invisible
+    score is exactly 0 with no second mask, even in a row that has seen no visible key yet.
+    pv_dot(p, v) is the probabilities-times-values matmul into the accumulator's layout."""
     m, l, acc = state
-    s = jnp.where(vis, s, _NEG)
+    s = jnp.where(vis, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-    p = jnp.where(vis, jnp.exp(s - m_new[..., None]), 0.0)
+    p = jnp.exp(s - m_new[..., None])
     corr = jnp.exp(m - m_new)
     l = l * corr + jnp.sum(p, axis=-1)
-    pv = jnp.einsum(v_eq, p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return m_new, l, acc * corr[..., None] + pv
+    return m_new, l, acc * corr[..., None] + pv_dot(p.astype(v.dtype), v)
+
+
+def _bdot(x, y, contract, batch):
+    """dot_general with fp32 accumulation, batch dims leading in both operands and the output
+    (written out rather than einsum: einsum's output transpose, even over size-1 axes, makes
+    XLA:CPU lay the product out transposed and copy every score tile back)."""
+    return jax.lax.dot_general(x, y, ((contract[0], contract[1]), (batch, batch)),
+                               preferred_element_type=jnp.float32)
 
 
 def _xla_block_groups(q, bk, bv, pk, pv, plen, causal, group, q_chunk, k_chunk, dynamic, layer):
@@ -140,12 +151,17 @@ def _xla_block_groups(q, bk, bv, pk, pv, plen, causal, group, q_chunk, k_chunk, 
 
 def _xla_chunked(q, bk, bv, pk, pv, plen, causal, bmask, q_chunk, k_chunk, dynamic=False,
                  layer=None):
+    """Queries in chunks of qc; a chunk's G query heads per KV head are M = qc * G rows (row r is
+    query r // G), and the N blocks' rows stack for the shared prefix: every score tile
+    [B, KV, N, M, kc] is one batched matmul laid out as the softmax reduces it (no transposes
+    of scores, probabilities or values inside the key loop)."""
     b, n, t, h, d = q.shape
     kv = bk.shape[3]
     g = h // kv
     qc = min(q_chunk, t)
     nq = -(-t // qc)
     tp = nq * qc
+    rows = qc * g
     qg = (q * jnp.asarray(d ** -0.5, q.dtype)).reshape(b, n, t, kv, g, d)
     if tp != t:  # pad queries and block keys to whole chunks; padded keys are invisible
         pad = [(0, 0), (0, 0), (0, tp - t), (0, 0), (0, 0)]
@@ -155,36 +171,50 @@ def _xla_chunked(q, bk, bv, pk, pv, plen, causal, bmask, q_chunk, k_chunk, dynam
         bmask = jnp.broadcast_to(bmask, (b, n, t, t))
         if tp != t:
             bmask = jnp.pad(bmask, [(0, 0), (0, 0), (0, tp - t), (0, tp - t)])
-    qg_chunks = jnp.moveaxis(qg.reshape(b, n, nq, qc, kv, g, d), 2, 0)  # [nq, B, N, qc, KV, G, d]
+    # [nq, B, KV, N, M, d]: each query chunk's rows per KV head; block keys [B, KV, N, tp, d]
+    q_rows = jnp.transpose(qg.reshape(b, n, nq, qc, kv, g, d), (2, 0, 4, 1, 3, 5, 6))
+    q_rows = q_rows.reshape(nq, b, kv, n, rows, d)
+    bk, bv = jnp.transpose(bk, (0, 3, 1, 2, 4)), jnp.transpose(bv, (0, 3, 1, 2, 4))
+    row_query = jnp.arange(rows, dtype=jnp.int32) // g      # query index (in the chunk) of a row
 
     if pk is not None:
         s_len = pk.shape[1 if layer is None else 2]
         kc = min(k_chunk, s_len)
 
-        def read(cache, start):  # [B, kc, KV, d] of this layer
+        def read(cache, start):  # [B, KV, kc, d] of this layer
             if layer is None:
-                return jax.lax.dynamic_slice_in_dim(cache, start, kc, axis=1)
-            size = (1, *cache.shape[1:2], kc, *cache.shape[3:])
-            return jax.lax.dynamic_slice(cache, (layer, 0, start, 0, 0), size)[0]
+                x = jax.lax.dynamic_slice_in_dim(cache, start, kc, axis=1)
+            else:
+                size = (1, *cache.shape[1:2], kc, *cache.shape[3:])
+                x = jax.lax.dynamic_slice(cache, (layer, 0, start, 0, 0), size)[0]
+            return jnp.transpose(x, (0, 2, 1, 3))
 
         nk = -(-s_len // kc)
         plen = plen.astype(jnp.int32)
         max_plen = jnp.max(plen)
 
+        def prefix_pv(p, v):     # [B, KV, N, M, kc] x [B, KV, kc, d]
+            out = _bdot(p.reshape(b, kv, n * rows, kc), v, ((3,), (2,)), (0, 1))
+            return out.reshape(b, kv, n, rows, d)
+
+    def block_pv(p, v):          # [B, KV, N, M, qc] x [B, KV, N, qc, d]
+        return _bdot(p, v, ((4,), (3,)), (0, 1, 2))
+
     def one_query_chunk(qi, qblk):
-        state = (jnp.full((b, n, kv, g, qc), _NEG, jnp.float32),
-                 jnp.zeros((b, n, kv, g, qc), jnp.float32),
-                 jnp.zeros((b, n, kv, g, qc, d), jnp.float32))
+        state = (jnp.full((b, kv, n, rows), _NEG, jnp.float32),
+                 jnp.zeros((b, kv, n, rows), jnp.float32),
+                 jnp.zeros((b, kv, n, rows, d), jnp.float32))
         if pk is not None:
+            q_flat = qblk.reshape(b, kv, n * rows, d)
+
             @jax.checkpoint
             def prefix_step(state, c):
                 start = jnp.minimum(c * kc, s_len - kc)   # the last chunk may overlap: mask it
                 k, v = read(pk, start), read(pv, start)
                 idx = start + jnp.arange(kc, dtype=jnp.int32)
                 vis = (idx >= c * kc)[None, None, :] & (idx[None, None, :] < plen[:, :, None])
-                s = jnp.einsum("bntkgd,bskd->bnkgts", qblk, k, preferred_element_type=jnp.float32)
-                return _update(state, s, vis[:, :, None, None, None, :], v,
-                               "bnkgts,bskd->bnkgtd")
+                s = _bdot(q_flat, k, ((3,), (3,)), (0, 1)).reshape(b, kv, n, rows, kc)
+                return _update(state, s, vis[:, None, :, None, :], v, prefix_pv)
 
             if dynamic:   # only the live chunks: a traced trip count
                 n_live = jnp.minimum((max_plen + kc - 1) // kc, nk)
@@ -196,22 +226,23 @@ def _xla_chunked(q, bk, bv, pk, pv, plen, causal, bmask, q_chunk, k_chunk, dynam
 
                 state, _ = jax.lax.scan(prefix_body, state, jnp.arange(nk, dtype=jnp.int32))
 
-        q_idx = qi * qc + jnp.arange(qc, dtype=jnp.int32)
+        q_idx = qi * qc + row_query                                  # [M] query of each row
 
         @jax.checkpoint
         def block_step(state, c):
-            k = jax.lax.dynamic_slice_in_dim(bk, c * qc, qc, axis=2)
-            v = jax.lax.dynamic_slice_in_dim(bv, c * qc, qc, axis=2)
+            k = jax.lax.dynamic_slice_in_dim(bk, c * qc, qc, axis=3)
+            v = jax.lax.dynamic_slice_in_dim(bv, c * qc, qc, axis=3)
             k_idx = c * qc + jnp.arange(qc, dtype=jnp.int32)
             if bmask is not None:
                 vis = jax.lax.dynamic_slice(bmask, (0, 0, qi * qc, c * qc), (b, n, qc, qc))
-                vis = vis[:, :, None, None]
+                vis = jnp.broadcast_to(vis[:, :, :, None], (b, n, qc, g, qc))
+                vis = vis.reshape(b, 1, n, rows, qc)
             else:
                 vis = k_idx[None, :] < t
                 if causal:
                     vis = vis & (k_idx[None, :] <= q_idx[:, None])
-            s = jnp.einsum("bntkgd,bnskd->bnkgts", qblk, k, preferred_element_type=jnp.float32)
-            return _update(state, s, vis, v, "bnkgts,bnskd->bnkgtd")
+            s = _bdot(qblk, k, ((4,), (4,)), (0, 1, 2))              # [B, KV, N, M, qc]
+            return _update(state, s, vis, v, block_pv)
 
         def block_body(state, c):
             if not causal or bmask is not None:
@@ -220,14 +251,15 @@ def _xla_chunked(q, bk, bv, pk, pv, plen, causal, bmask, q_chunk, k_chunk, dynam
 
         state, _ = jax.lax.scan(block_body, state, jnp.arange(nq, dtype=jnp.int32))
         m, l, acc = state
-        out = acc / jnp.maximum(l, 1e-30)[..., None]               # [B, N, KV, G, qc, d]
-        return jnp.moveaxis(out, 4, 2).astype(q.dtype)              # [B, N, qc, KV, G, d]
+        out = acc / jnp.maximum(l, 1e-30)[..., None]               # [B, KV, N, M, d]
+        out = out.reshape(b, kv, n, qc, g, d)
+        return jnp.transpose(out, (0, 2, 3, 1, 4, 5)).astype(q.dtype)  # [B, N, qc, KV, G, d]
 
     if nq == 1:
-        out = one_query_chunk(jnp.int32(0), qg_chunks[0])
+        out = one_query_chunk(jnp.int32(0), q_rows[0])
     else:
         _, outs = jax.lax.scan(lambda c, x: (c, one_query_chunk(*x)), None,
-                               (jnp.arange(nq, dtype=jnp.int32), qg_chunks))
+                               (jnp.arange(nq, dtype=jnp.int32), q_rows))
         out = jnp.moveaxis(outs, 0, 2).reshape(b, n, tp, kv, g, d)
     return out[:, :, :t].reshape(b, n, t, h, d)
 
