@@ -35,7 +35,7 @@ Array = jax.Array
 BACKENDS = ("auto", "xla", "cudnn", "splash")
 Q_CHUNK = 512
 K_CHUNK = 512
-DECODE_K_CHUNK = 256   # few queries (draft/verify/AR step): finer skipping of dead cache chunks
+DECODE_K_CHUNK = 128   # few queries (draft/verify/AR step): finer skipping of dead cache chunks
 SPLASH_BLOCK = 128
 _NEG = -1e30
 
