@@ -197,19 +197,21 @@ def step_fn(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Samplin
     cache = state.cache
     n_nodes = jnp.full(state.anchor.shape, spec.nodes, jnp.int32)
     judged = jnp.zeros_like(n_nodes)
+    visible = jnp.where(state.done, 0, cache.length)  # finished rows read no cache
     if spec.mode == "orthrus" and spec.verify == "tree":
         drafts, n_acc, nxt, cache, n_nodes, judged = _tree_cycle(params, spec, state, sampling,
-                                                                 k_draft, k_verify)
+                                                                 k_draft, k_verify, visible)
     elif spec.mode == "orthrus":
         k = spec.block_size
-        q_logits = lm_logits(params, draft_block(params, cfg, state.anchor, cache, k)[:, : k - 1])
+        q_logits = lm_logits(params, draft_block(params, cfg, state.anchor, cache, k,
+                                                 visible)[:, : k - 1])
         if spec.greedy:
             drafts = jnp.argmax(q_logits, axis=-1).astype(jnp.int32)
         else:
             q_lp = _processed(spec, sampling, q_logits)
             drafts = S.sample_tokens(k_draft, q_lp)
         block_in = jnp.concatenate([state.anchor[:, None], drafts], axis=1)
-        hidden, cache = ar_forward(params, cfg, block_in, cache)
+        hidden, cache = ar_forward(params, cfg, block_in, cache, visible=visible)
         p_logits = lm_logits(params, hidden)
         if spec.greedy:
             n_acc, nxt = S.greedy_verify(drafts, p_logits)
@@ -217,7 +219,7 @@ def step_fn(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Samplin
             n_acc, nxt = S.rejection_verify(k_verify, drafts, _processed(spec, sampling, p_logits),
                                             q_lp)
     else:
-        hidden, cache = ar_forward(params, cfg, state.anchor[:, None], cache)
+        hidden, cache = ar_forward(params, cfg, state.anchor[:, None], cache, visible=visible)
         nxt = _pick(spec, sampling, k_verify, lm_logits(params, hidden[:, 0]))
         drafts = jnp.zeros((state.anchor.shape[0], 0), jnp.int32)
         n_acc = jnp.zeros_like(nxt)
@@ -246,7 +248,7 @@ def step_fn(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Samplin
 
 
 def _tree_cycle(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Sampling,
-                k_draft: Array, k_verify: Array
+                k_draft: Array, k_verify: Array, visible: Array
                 ) -> tuple[Array, Array, Array, KVCache, Array, Array]:
     """The batch decoder's tree cycle: every row greedy, or every row sampled (tree_cycle)."""
     b = state.anchor.shape[0]
@@ -255,7 +257,7 @@ def _tree_cycle(params: Any, spec: DecodeSpec, state: DecodeState, sampling: Sam
                       any_sampled=not spec.greedy,
                       process=lambda logits: _processed(spec, sampling, logits),
                       k_draft=jax.random.split(k_draft, b), k_verify=jax.random.split(k_verify, b),
-                      accepted=state.accepted, judged=state.judged)
+                      accepted=state.accepted, judged=state.judged, visible=visible)
 
 
 def _row(x: Any) -> Any:
@@ -282,7 +284,7 @@ def _select_rows(rows: Array, a: Any, b: Any) -> Any:
 def tree_cycle(params: Any, cfg: Qwen3Config, block_size: int, budget: int, anchor: Array,
                cache: KVCache, *, sampled: Array, any_sampled: bool | Array,
                process: Callable[[Array], Array], k_draft: Array, k_verify: Array,
-               accepted: Array, judged: Array
+               accepted: Array, judged: Array, visible: Array | None = None
                ) -> tuple[Array, Array, Array, KVCache, Array, Array]:
     """Draft a tree of `budget` nodes per row, verify every node in one AR pass, write the
     accepted path's K/V at each row's length (the cache length is left to the caller).
@@ -293,12 +295,13 @@ def tree_cycle(params: Any, cfg: Qwen3Config, block_size: int, budget: int, anch
     row samples). process(logits) -> the rows' processed log-probabilities. k_draft, k_verify:
     uint32[B, 2] per-row keys (a row's draws depend on its own keys only). accepted, judged:
     the row's tree-walk counts so far (the sampling shape's prior on a first draw's acceptance).
+    visible: the cache positions each row attends to (default its length; 0 for idle rows).
     Returns (accepted path tokens as drafts [B, K-1], n_acc, next token, cache, valid nodes [B],
     walk steps at a node with children [B]). Like the chain, at most K entries are written
     from each row's length (writes past the cache end are dropped).
     """
     k = block_size
-    q_logits = lm_logits(params, draft_block(params, cfg, anchor, cache, k)[:, : k - 1])
+    q_logits = lm_logits(params, draft_block(params, cfg, anchor, cache, k, visible)[:, : k - 1])
     all_sampled = any_sampled is True
 
     def greedy_tree():
@@ -324,7 +327,8 @@ def tree_cycle(params: Any, cfg: Qwen3Config, block_size: int, budget: int, anch
         tree_s, q_lp = _branch(any_sampled, sampled_tree,
                                lambda: (tree_g, jnp.zeros(q_logits.shape, jnp.float32)))
         tree = _select_rows(sampled, tree_s, tree_g)
-    hidden, new_k, new_v = ar_block(params, cfg, tree.tokens, cache, tree.depth, tree.mask)
+    hidden, new_k, new_v = ar_block(params, cfg, tree.tokens, cache, tree.depth, tree.mask,
+                                    visible=visible)
     p_logits = lm_logits(params, hidden)
 
     def reject():

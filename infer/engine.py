@@ -269,14 +269,19 @@ def cycle_fn(params: Any, spec: EngineSpec, state: SlotState
     any_sampled = jnp.any(sampled & state.active)
     n_nodes = jnp.full(state.anchor.shape, spec.nodes, jnp.int32)
     judged = jnp.zeros_like(n_nodes)
+    # idle slots (parked at max_len, or still prefilling) read no cache: only the active slots'
+    # lengths set how many key chunks the passes loop over
+    visible = jnp.where(state.active, cache.length, 0)
     if spec.mode == "orthrus" and spec.verify == "tree":
         drafts, n_acc, nxt, cache, n_nodes, judged = tree_cycle(
             params, cfg, spec.block_size, spec.tree_budget, state.anchor, cache, sampled=sampled,
             any_sampled=any_sampled, process=lambda logits: _processed(spec, state, logits),
-            k_draft=k_draft, k_verify=k_verify, accepted=state.accepted, judged=state.judged)
+            k_draft=k_draft, k_verify=k_verify, accepted=state.accepted, judged=state.judged,
+            visible=visible)
     elif spec.mode == "orthrus":
         k = spec.block_size
-        q_logits = lm_logits(params, draft_block(params, cfg, state.anchor, cache, k)[:, : k - 1])
+        q_logits = lm_logits(params, draft_block(params, cfg, state.anchor, cache, k,
+                                                 visible)[:, : k - 1])
         greedy_d = jnp.argmax(q_logits, axis=-1).astype(jnp.int32)
 
         def sample_drafts():
@@ -287,7 +292,7 @@ def cycle_fn(params: Any, spec: EngineSpec, state: SlotState
                                       lambda: (greedy_d, jnp.zeros(q_logits.shape, jnp.float32)))
         drafts = jnp.where(sampled[:, None], drafts_s, greedy_d)
         block_in = jnp.concatenate([state.anchor[:, None], drafts], axis=1)
-        hidden, cache = ar_forward(params, cfg, block_in, cache)
+        hidden, cache = ar_forward(params, cfg, block_in, cache, visible=visible)
         p_logits = lm_logits(params, hidden)
         n_g, nxt_g = S.greedy_verify(drafts, p_logits)
 
@@ -300,7 +305,7 @@ def cycle_fn(params: Any, spec: EngineSpec, state: SlotState
         n_acc = jnp.where(sampled, n_s, n_g)
         nxt = jnp.where(sampled, nxt_s, nxt_g)
     else:
-        hidden, cache = ar_forward(params, cfg, state.anchor[:, None], cache)
+        hidden, cache = ar_forward(params, cfg, state.anchor[:, None], cache, visible=visible)
         nxt = _pick(spec, state, k_verify, lm_logits(params, hidden[:, 0]), any_sampled)
         drafts = jnp.zeros((state.anchor.shape[0], 0), jnp.int32)
         n_acc = jnp.zeros_like(nxt)

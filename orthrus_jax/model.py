@@ -72,13 +72,16 @@ def lm_logits(params: Params, hidden: Array) -> Array:
 
 def ar_block(params: Params, cfg: Qwen3Config, tokens: Array, cache: KVCache,
              offsets: Array | None = None, block_mask: Array | None = None,
-             remat: bool = False, inference: bool = True) -> tuple[Array, Array, Array]:
+             remat: bool = False, inference: bool = True, visible: Array | None = None
+             ) -> tuple[Array, Array, Array]:
     """AR view on tokens [B, T] over the committed cache [0, length); nothing is written.
 
     Token i sits at position length + offsets[:, i] (default i) and attends to the cache and to
     the block tokens j with block_mask[:, i, j] (default causal; [B, T, T] for a draft tree: its
     ancestors and itself). Returns (hidden [B, T, D], block K, block V [layers, B, T, kv, hd]).
     inference: cost follows the live context (not reverse-differentiable; False to differentiate).
+    visible: int [B], the cache positions each row attends to (default cache.length); an idle
+    row given 0 reads no cache, so it does not stretch the batch's key loop (its output is unused).
     """
     b, t = tokens.shape
     if offsets is None:
@@ -86,21 +89,25 @@ def ar_block(params: Params, cfg: Qwen3Config, tokens: Array, cache: KVCache,
     positions = cache.length[:, None] + offsets
     x = embed(params, tokens)[:, None]
     hidden, (new_k, new_v) = _stack(
-        params, cfg, x, positions[:, None], cache.k, cache.v, cache.length[:, None], True,
+        params, cfg, x, positions[:, None], cache.k, cache.v,
+        (cache.length if visible is None else visible)[:, None], True,
         AR_VIEW, remat, block_mask=None if block_mask is None else block_mask[:, None],
         inference=inference)
     return hidden[:, 0], new_k[:, :, 0], new_v[:, :, 0]
 
 
 def ar_forward(params: Params, cfg: Qwen3Config, tokens: Array, cache: KVCache,
-               remat: bool = False, inference: bool = True) -> tuple[Array, KVCache]:
+               remat: bool = False, inference: bool = True, visible: Array | None = None
+               ) -> tuple[Array, KVCache]:
     """AR view on tokens [B, T] at positions length..length+T-1 of each row.
 
     Attends causally to the committed cache [0, length) and the new tokens; writes their K/V at
     each row's length. Returns (hidden [B, T, D], cache with K/V written, length unchanged).
     inference: cost follows the live context (not reverse-differentiable; False to differentiate).
+    visible: as in ar_block (the K/V are still written at each row's length).
     """
-    hidden, new_k, new_v = ar_block(params, cfg, tokens, cache, remat=remat, inference=inference)
+    hidden, new_k, new_v = ar_block(params, cfg, tokens, cache, remat=remat, inference=inference,
+                                    visible=visible)
     return hidden, write_cache(cache, new_k, new_v)
 
 
@@ -168,12 +175,14 @@ def diffusion_forward(params: Params, cfg: Qwen3Config, tokens: Array, positions
 
 
 def draft_block(params: Params, cfg: Qwen3Config, anchor: Array, cache: KVCache,
-                block_size: int | None = None) -> Array:
-    """Inference diffusion pass: [anchor, MASK x (K-1)] at each row's length; hidden [B, K, D]."""
+                block_size: int | None = None, visible: Array | None = None) -> Array:
+    """Inference diffusion pass: [anchor, MASK x (K-1)] at each row's length; hidden [B, K, D].
+    visible: as in ar_block."""
     k = block_size or cfg.block_size
     b = anchor.shape[0]
     tokens = jnp.concatenate([anchor[:, None], jnp.full((b, k - 1), cfg.mask_token_id, anchor.dtype)], 1)
     positions = cache.length[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
+    seen = cache.length if visible is None else visible
     hidden = diffusion_forward(params, cfg, tokens[:, None], positions[:, None], cache.k, cache.v,
-                               cache.length[:, None], inference=True)
+                               seen[:, None], inference=True)
     return hidden[:, 0]

@@ -13,7 +13,7 @@ from orthrus_jax.hf import read_hf_params
 from infer import decoder
 from infer.text import joined_prompt_ids, load_tokenizer
 from orthrus_jax import init_cache, lm_logits
-from orthrus_jax.model import ar_forward, chunked_prefill
+from orthrus_jax.model import ar_forward, chunked_prefill, draft_block
 from tests.conftest import DEV_PROMPTS
 from tests.hf_fixtures import randomize_, save_hf_model
 
@@ -83,6 +83,31 @@ def test_chunked_prefill_equals_one_shot(micro_fp32):
                                    atol=1e-5)
         np.testing.assert_allclose(np.asarray(c2.v[:, r, :n]), np.asarray(c1.v[:, r, :n]),
                                    atol=1e-5)
+
+
+def test_idle_row_given_visible_zero_reads_no_cache(micro_fp32):
+    """`visible` (what the engine passes for idle slots): a row parked at the cache's end with
+    visible 0 attends to its own block only, its writes are dropped, and the active row's hidden
+    states, K/V and draft equal those it gets alone."""
+    cfg, params = micro_fp32
+    rng = np.random.default_rng(1)
+    cache = init_cache(cfg, 2, 96, jnp.float32)
+    cache = cache.replace(k=jnp.asarray(rng.standard_normal(cache.k.shape), jnp.float32),
+                          v=jnp.asarray(rng.standard_normal(cache.v.shape), jnp.float32),
+                          length=jnp.asarray([37, 96], jnp.int32))
+    tokens = jnp.asarray(rng.integers(2, cfg.vocab_size, (2, 4)), jnp.int32)
+    visible = jnp.asarray([37, 0], jnp.int32)
+    alone = cache.replace(k=cache.k[:, :1], v=cache.v[:, :1], length=cache.length[:1])
+    h_both, c_both = ar_forward(params, cfg, tokens, cache, visible=visible)
+    h_one, c_one = ar_forward(params, cfg, tokens[:1], alone)
+    np.testing.assert_allclose(np.asarray(h_both[0]), np.asarray(h_one[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(c_both.k[:, 0]), np.asarray(c_one.k[:, 0]), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(c_both.k[:, 1]), np.asarray(cache.k[:, 1]))
+    assert np.isfinite(np.asarray(h_both[1])).all()
+    d_both = draft_block(params, cfg, tokens[:, 0], cache, 8, visible)
+    d_one = draft_block(params, cfg, tokens[:1, 0], alone, 8)
+    np.testing.assert_allclose(np.asarray(d_both[0]), np.asarray(d_one[0]), atol=1e-5)
+    assert np.isfinite(np.asarray(d_both[1])).all()
 
 
 def test_micro_3000_token_prompt_matches_hf_and_orthrus_equals_ar(micro_fp32, micro_model_dir):
