@@ -40,10 +40,7 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_
 SERVER_ARGS = ["--served-model-name", NAME, "--slots", "4", "--max-len", str(MAX_LEN),
                "--prefill-chunk-size", "32", "--mode", "orthrus", "--block-size", "8",
                "--verify", "tree", "--tree-budget", "12"]
-# one xdist worker runs the whole module (pyproject: --dist loadgroup), so its one server starts
-# once per session, not once per worker
-pytestmark = [pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-              pytest.mark.xdist_group("serve")]
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 
 def _free_port() -> int:
