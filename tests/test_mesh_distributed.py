@@ -3,38 +3,26 @@ devices (jax.distributed, gloo), data parallel 4 over both hosts, equal to one d
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
 import numpy as np
 
 from tests.conftest import REPO
-from tests.test_train_distributed import free_port
+from tests.test_train_distributed import communicate_all, free_port, process_env
 
 
 def launch(module: str, argv: list[str], n_proc: int = 2, devices: int = 2,
            timeout: int = 400) -> list[str]:
     port = free_port()
-    procs = []
-    for pid in range(n_proc):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                   JAX_NUM_PROCESSES=str(n_proc), JAX_PROCESS_ID=str(pid),
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-        procs.append(subprocess.Popen([sys.executable, "-m", module, *argv, "--distributed"],
-                                      cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, text=True))
-    outs = []
-    for p in procs:
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
+    procs = [subprocess.Popen([sys.executable, "-m", module, *argv, "--distributed"], cwd=REPO,
+                              env=process_env(pid, n_proc, port, devices),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for pid in range(n_proc)]
+    results = communicate_all(procs, timeout)
+    for p, (_, err) in zip(procs, results):
         assert p.returncode == 0, err[-3000:]
-        outs.append(out)
-    return outs
+    return [out for out, _ in results]
 
 
 def test_generate_and_make_data_across_two_processes(micro_model_dir, micro_fp32, tmp_path):

@@ -26,8 +26,29 @@ RUN = dict(global_batch=16, grad_accum=2, max_steps=2, save_every=1, export_at_e
 
 def free_port() -> int:
     with socket.socket() as s:
-        s.bind(("localhost", 0))
+        s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def process_env(pid: int, n_proc: int, port: int, devices: int) -> dict[str, str]:
+    """Process pid's environment: n_proc jax.distributed processes coordinated on
+    127.0.0.1:port, each with `devices` fake CPU devices."""
+    return dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                JAX_NUM_PROCESSES=str(n_proc), JAX_PROCESS_ID=str(pid),
+                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def communicate_all(procs: list[subprocess.Popen], timeout: int) -> list[tuple[str, str]]:
+    """(stdout, stderr) of each process in order; whatever is still running on the way out (a
+    timeout, or peers left waiting for a process that failed) is killed, even when the test
+    fails, so no process outlives it."""
+    try:
+        return [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
 
 
 def launch(n_proc: int, devices: int, cfg, timeout: int = 400) -> list[str]:
@@ -39,24 +60,13 @@ def launch(n_proc: int, devices: int, cfg, timeout: int = 400) -> list[str]:
         "import sys, jax; from train.run import main; rc = main(sys.argv[1:]); "
         "print('initialized', jax.distributed.is_initialized(), jax.process_count()); "
         "sys.exit(rc)")
-    procs = []
-    for pid in range(n_proc):
-        env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
-                   JAX_NUM_PROCESSES=str(n_proc), JAX_PROCESS_ID=str(pid),
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-        procs.append(subprocess.Popen([sys.executable, "-c", code, "--set", *sets], cwd=REPO,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
-    outs = []
-    for p in procs:
-        try:
-            out, _ = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
+    procs = [subprocess.Popen([sys.executable, "-c", code, "--set", *sets], cwd=REPO,
+                              env=process_env(pid, n_proc, port, devices),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for pid in range(n_proc)]
+    outs = [out for out, _ in communicate_all(procs, timeout)]
+    for p, out in zip(procs, outs):
         assert p.returncode == 0, out[-3000:]
-        outs.append(out)
     return outs
 
 
