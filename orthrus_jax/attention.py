@@ -20,9 +20,11 @@ Backends (`select_backend`):
   more than one [query chunk x key chunk] tile of scores per head group exists (many small
   blocks, as in training, go in groups of q_chunk / T blocks). Cost follows the live context,
   not the cache size: when decoding (`dynamic_skip`), a loop runs over the live prefix key chunks
-  only; under differentiation, key chunks past the longest visible prefix of a group (and, when
+  only (in prefill, those every row sees whole with no mask); under differentiation, key chunks past the longest visible prefix of a group (and, when
   causal, past the query chunk) are skipped with a `lax.cond` inside a static-trip-count scan
-  (reverse-mode works; each chunk is rematerialised in the backward).
+  (reverse-mode works; each chunk is rematerialised in the backward). A causal diagonal tile is
+  split into query sub-blocks that score only the keys up to their own end, and the key chunks
+  before it need no mask.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ BACKENDS = ("auto", "xla", "cudnn", "splash")
 Q_CHUNK = 512
 K_CHUNK = 512
 DECODE_K_CHUNK = 128   # few queries (draft/verify/AR step): finer skipping of dead cache chunks
+FEW_QUERIES = 64       # at most this many queries per block: a decoding pass (draft/verify/step)
+DIAGONAL_SPLIT = 128   # a causal diagonal tile is computed as query sub-blocks of this size
 SPLASH_BLOCK = 128
 _NEG = -1e30
 
@@ -57,7 +61,8 @@ def attention(q: Array, block_k: Array, block_v: Array, *, prefix_k: Array | Non
               prefix_v: Array | None = None, prefix_len: Array | None = None,
               causal: bool, block_mask: Array | None = None, backend: str = "auto",
               layer: Array | None = None, q_chunk: int = Q_CHUNK, k_chunk: int | None = None,
-              dynamic_skip: bool = False, interpret: bool = False) -> Array:
+              dynamic_skip: bool = False, interpret: bool = False,
+              diagonal_split: int = DIAGONAL_SPLIT) -> Array:
     """Attention of N blocks of T queries per row over a shared prefix and over their own block.
 
     q: [B, N, T, H, hd]; block_k/v: [B, N, T, KV, hd] (the block's own keys).
@@ -70,6 +75,7 @@ def attention(q: Array, block_k: Array, block_v: Array, *, prefix_k: Array | Non
     dynamic_skip (XLA path): loop over the live prefix key chunks only (a loop with a traced
       trip count: cheapest for decoding, not reverse-differentiable); otherwise a static-trip
       scan that skips dead chunks with lax.cond (differentiable).
+    diagonal_split (XLA path, causal): query sub-block size of a diagonal tile.
     Returns [B, N, T, H, hd] in q's dtype. Every query must see at least one key.
     """
     if backend not in BACKENDS:
@@ -92,14 +98,14 @@ def attention(q: Array, block_k: Array, block_v: Array, *, prefix_k: Array | Non
             raise ValueError("the splash backend serves causal attention without a prefix only")
         return _splash_causal(q, block_k, block_v, interpret)
     if k_chunk is None:
-        k_chunk = DECODE_K_CHUNK if q.shape[2] <= 64 else K_CHUNK
+        k_chunk = DECODE_K_CHUNK if q.shape[2] <= FEW_QUERIES else K_CHUNK
     b, n, t = q.shape[:3]
     group = max(1, q_chunk // t)
     if has_prefix and n > group and block_mask is None:
         return _xla_block_groups(q, block_k, block_v, prefix_k, prefix_v, prefix_len, causal,
                                  group, q_chunk, k_chunk, dynamic_skip, layer)
     return _xla_chunked(q, block_k, block_v, prefix_k, prefix_v, prefix_len, causal, block_mask,
-                        q_chunk, k_chunk, dynamic_skip, layer)
+                        q_chunk, k_chunk, dynamic_skip, layer, diagonal_split)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -111,9 +117,11 @@ def _update(state, s, vis, v, pv_dot):
 
     Invisible scores become -inf; the running max starts finite (_NEG), so exp of an invisible
     score is exactly 0 with no second mask, even in a row that has seen no visible key yet.
+    vis None: every score is visible (no select pass over the tile).
     pv_dot(p, v) is the probabilities-times-values matmul into the accumulator's layout."""
     m, l, acc = state
-    s = jnp.where(vis, s, -jnp.inf)
+    if vis is not None:
+        s = jnp.where(vis, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     p = jnp.exp(s - m_new[..., None])
     corr = jnp.exp(m - m_new)
@@ -150,7 +158,7 @@ def _xla_block_groups(q, bk, bv, pk, pv, plen, causal, group, q_chunk, k_chunk, 
 
 
 def _xla_chunked(q, bk, bv, pk, pv, plen, causal, bmask, q_chunk, k_chunk, dynamic=False,
-                 layer=None):
+                 layer=None, sub=DIAGONAL_SPLIT):
     """Queries in chunks of qc; a chunk's G query heads per KV head are M = qc * G rows (row r is
     query r // G), and the N blocks' rows stack for the shared prefix: every score tile
     [B, KV, N, M, kc] is one batched matmul laid out as the softmax reduces it (no transposes
@@ -207,33 +215,45 @@ def _xla_chunked(q, bk, bv, pk, pv, plen, causal, bmask, q_chunk, k_chunk, dynam
         if pk is not None:
             q_flat = qblk.reshape(b, kv, n * rows, d)
 
-            @jax.checkpoint
-            def prefix_step(state, c):
+            def prefix_step(state, c, masked=True):
                 start = jnp.minimum(c * kc, s_len - kc)   # the last chunk may overlap: mask it
                 k, v = read(pk, start), read(pv, start)
+                s = _bdot(q_flat, k, ((3,), (3,)), (0, 1)).reshape(b, kv, n, rows, kc)
+                if not masked:    # a chunk every row and block sees whole
+                    return _update(state, s, None, v, prefix_pv)
                 idx = start + jnp.arange(kc, dtype=jnp.int32)
                 vis = (idx >= c * kc)[None, None, :] & (idx[None, None, :] < plen[:, :, None])
-                s = _bdot(q_flat, k, ((3,), (3,)), (0, 1)).reshape(b, kv, n, rows, kc)
                 return _update(state, s, vis[:, None, :, None, :], v, prefix_pv)
 
-            if dynamic:   # only the live chunks: a traced trip count
+            if dynamic and t <= FEW_QUERIES:   # only the live chunks: a traced trip count
                 n_live = jnp.minimum((max_plen + kc - 1) // kc, nk)
-                state = jax.lax.fori_loop(0, n_live, lambda c, st: prefix_step(st, c), state)
+                step = jax.checkpoint(prefix_step)
+                state = jax.lax.fori_loop(0, n_live, lambda c, st: step(st, c), state)
+            elif dynamic:  # many queries (prefill): the chunks every row sees whole, unmasked
+                n_live = jnp.minimum((max_plen + kc - 1) // kc, nk)
+                n_whole = jnp.minimum(jnp.min(plen) // kc, n_live)
+                whole = jax.checkpoint(functools.partial(prefix_step, masked=False))
+                part = jax.checkpoint(prefix_step)
+                state = jax.lax.fori_loop(0, n_whole, lambda c, st: whole(st, c), state)
+                state = jax.lax.fori_loop(n_whole, n_live, lambda c, st: part(st, c), state)
             else:         # every chunk, dead ones skipped: reverse-differentiable
+                step = jax.checkpoint(prefix_step)
+
                 def prefix_body(state, c):
                     live = c * kc < max_plen
-                    return jax.lax.cond(live, prefix_step, lambda s, _: s, state, c), None
+                    return jax.lax.cond(live, step, lambda s, _: s, state, c), None
 
                 state, _ = jax.lax.scan(prefix_body, state, jnp.arange(nk, dtype=jnp.int32))
 
         q_idx = qi * qc + row_query                                  # [M] query of each row
 
-        @jax.checkpoint
-        def block_step(state, c):
+        def block_step(state, c, masked=True):
             k = jax.lax.dynamic_slice_in_dim(bk, c * qc, qc, axis=3)
             v = jax.lax.dynamic_slice_in_dim(bv, c * qc, qc, axis=3)
             k_idx = c * qc + jnp.arange(qc, dtype=jnp.int32)
-            if bmask is not None:
+            if not masked:
+                vis = None
+            elif bmask is not None:
                 vis = jax.lax.dynamic_slice(bmask, (0, 0, qi * qc, c * qc), (b, n, qc, qc))
                 vis = jnp.broadcast_to(vis[:, :, :, None], (b, n, qc, g, qc))
                 vis = vis.reshape(b, 1, n, rows, qc)
@@ -244,12 +264,41 @@ def _xla_chunked(q, bk, bv, pk, pv, plen, causal, bmask, q_chunk, k_chunk, dynam
             s = _bdot(qblk, k, ((4,), (4,)), (0, 1, 2))              # [B, KV, N, M, qc]
             return _update(state, s, vis, v, block_pv)
 
+        split_diagonal = causal and bmask is None and qc > sub and qc % sub == 0
+
+        @jax.checkpoint
+        def diagonal_step(state, c):
+            """The causal tile c == qi as query sub-blocks j, each scored against the keys up to
+            its own end only (keys past it are invisible): ~5/8 of the whole tile at 4 blocks."""
+            parts = []
+            for j in range(qc // sub):
+                r0, r1, width = j * sub * g, (j + 1) * sub * g, (j + 1) * sub
+                k = jax.lax.dynamic_slice_in_dim(bk, c * qc, width, axis=3)
+                v = jax.lax.dynamic_slice_in_dim(bv, c * qc, width, axis=3)
+                k_idx = c * qc + jnp.arange(width, dtype=jnp.int32)
+                vis = (k_idx[None, :] < t) & (k_idx[None, :] <= q_idx[r0:r1, None])
+                s = _bdot(qblk[:, :, :, r0:r1], k, ((4,), (4,)), (0, 1, 2))
+                parts.append(_update(tuple(x[:, :, :, r0:r1] for x in state), s, vis, v,
+                                     block_pv))
+            return tuple(jnp.concatenate(xs, axis=3) for xs in zip(*parts))
+
+        masked_block = jax.checkpoint(block_step)
+        whole_block = jax.checkpoint(functools.partial(block_step, masked=False))
+
         def block_body(state, c):
             if not causal or bmask is not None:
-                return block_step(state, c), None
-            return jax.lax.cond(c <= qi, block_step, lambda s, _: s, state, c), None
+                return masked_block(state, c), None
+            if not split_diagonal:
+                return jax.lax.cond(c <= qi, masked_block, lambda s, _: s, state, c), None
+            # c < qi: every key of chunk c precedes every query (no mask); c > qi: skipped
+            branch = jnp.clip(c - qi + 1, 0, 2)
+            return jax.lax.switch(branch, [whole_block, diagonal_step, lambda s, _: s],
+                                  state, c), None
 
-        state, _ = jax.lax.scan(block_body, state, jnp.arange(nq, dtype=jnp.int32))
+        if nq == 1 and split_diagonal:
+            state = diagonal_step(state, jnp.int32(0))
+        else:
+            state, _ = jax.lax.scan(block_body, state, jnp.arange(nq, dtype=jnp.int32))
         m, l, acc = state
         out = acc / jnp.maximum(l, 1e-30)[..., None]               # [B, KV, N, M, d]
         out = out.reshape(b, kv, n, qc, g, d)

@@ -49,6 +49,7 @@ def _inputs(seed, b, n, t, s, h, kv, d=16):
 CASES = {
     # name: (b, n, t, s, h, kv, prefix_len, causal)
     "ar-decode-ragged": (3, 1, 5, 70, 4, 2, [[0], [33], [70]], True),
+    "ar-verify-ragged": (2, 1, 5, 70, 4, 2, [[37], [70]], True),
     "ar-prefill-chunk": (2, 1, 40, 90, 2, 1, [[40], [40]], True),
     "ar-no-prefix-long": (2, 1, 45, 0, 4, 1, None, True),
     "diffusion-draft-ragged": (2, 1, 8, 50, 4, 4, [[13], [49]], False),
@@ -67,11 +68,15 @@ def _run_case(name, backend, **kw):
     return np.asarray(ours), np.asarray(ref)
 
 
+@pytest.mark.parametrize("dynamic_skip", [False, True], ids=["scan", "live-loop"])
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_xla_chunked_equals_dense(name):
-    """Small chunks (8 queries x 16 keys) so that several query and key chunks, a partial last
-    chunk and skipped chunks are all exercised; both views' masks, ragged prefix lengths."""
-    ours, ref = _run_case(name, "xla", q_chunk=8, k_chunk=16)
+def test_xla_chunked_equals_dense(name, dynamic_skip):
+    """Small chunks (8 queries x 16 keys, causal diagonal tiles split into 4-query sub-blocks) so
+    that several query and key chunks, a partial last chunk, skipped chunks, prefix chunks every
+    row sees whole (unmasked) and split diagonals are all exercised; both views' masks, ragged
+    prefix lengths; the differentiable scan and the decoding loop over live chunks."""
+    ours, ref = _run_case(name, "xla", q_chunk=8, k_chunk=16, diagonal_split=4,
+                          dynamic_skip=dynamic_skip)
     np.testing.assert_allclose(ours, ref, atol=ATOL, rtol=0)
 
 
@@ -133,6 +138,19 @@ def test_xla_chunked_gradient_equals_dense():
     for a, r in zip(ours, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=ATOL, rtol=0)
 
+
+def test_causal_split_diagonal_gradient_equals_dense():
+    """Reverse mode through a causal pass with no prefix (the training teacher): whole key chunks
+    before the diagonal (no mask), split diagonal tiles, a padded last chunk."""
+    b, n, t, s, h, kv, _, _ = CASES["ar-no-prefix-long"]
+    q, bk, bv, _, _ = _inputs(11, b, n, t, 0, h, kv)
+    w = jax.random.normal(jax.random.PRNGKey(2), q.shape)
+    ours = jax.grad(lambda q, k: jnp.sum(w * attention(
+        q, k, bv, causal=True, backend="xla", q_chunk=8, diagonal_split=4)), argnums=(0, 1))(q, bk)
+    ref = jax.grad(lambda q, k: jnp.sum(w * dense_reference(
+        q, None, None, None, k, bv, True)), argnums=(0, 1))(q, bk)
+    for a, r in zip(ours, ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=ATOL, rtol=0)
 
 def test_splash_interpret_equals_dense():
     """The Pallas splash kernel (TPU), run in interpret mode on the CPU: causal, no prefix."""
