@@ -7,12 +7,14 @@ joined_prompt_ids`) runs through `infer.decoder.generate` in AR and Orthrus mode
 1), each warmed up once (compile excluded) and then timed (best of --repeats): time to first token
 (the chunked prefill, `--prefill-chunk-size`), decode tokens/s after the first token, and
 tokens/s overall. Beside them: HF transformers' prefill time for the same prompt (one forward
-pass, warmed up, best of --repeats). Writes decode-context-STAMP.{json,md,png}.
+pass, warmed up, best of --repeats). The timed runs are interleaved (HF prefill, ours AR, ours
+Orthrus, then again), so drift in this machine's speed falls on all of them alike; TTFT is the
+best of the AR runs' times to first token. Writes decode-context-STAMP.{json,md,png}.
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable
 
 from bench import common
 from infer import decoder
@@ -24,7 +26,7 @@ PAPER_CLAIM = ("Orthrus paper's long-context figure (Qwen3-8B, hardware not stat
 TTFT_TARGET_FROM = 3000   # the target: TTFT of a >= 3,000-token prompt <= HF's prefill time
 
 
-def hf_prefill_seconds(hf, ids: list[int], repeats: int, all_logits: bool = False) -> float:
+def hf_prefill(hf, ids: list[int], all_logits: bool = False) -> Callable[[], None]:
     """HF's prefill of one prompt: one forward pass filling its KV cache and, as HF generate's
     prefill does, the last position's logits only (logits_to_keep=1); all_logits: every
     position's logits (a plain forward call, the figure recorded before 2026-12-03)."""
@@ -36,28 +38,44 @@ def hf_prefill_seconds(hf, ids: list[int], repeats: int, all_logits: bool = Fals
         with torch.inference_mode():
             hf.model(input_ids=x, use_cache=True, **kwargs)
 
-    once()
-    return common.best_of(once, repeats)[1]
+    return once
 
 
-def ours(params, cfg, mode: str, ids: list[int], args) -> dict[str, Any]:
+def ours(params, cfg, mode: str, ids: list[int], args) -> Callable[[], Any]:
+    """One timed run of ours: generate for the prompt (batch 1, greedy)."""
     def once():
-        r = decoder.generate(params, cfg, [ids], mode=mode, max_new_tokens=args.max_new_tokens,
-                             batch_size=1, block_size=args.block_size,
-                             prefill_chunk_size=args.prefill_chunk_size)[0]
-        return r
+        return decoder.generate(params, cfg, [ids], mode=mode, max_new_tokens=args.max_new_tokens,
+                                batch_size=1, block_size=args.block_size,
+                                prefill_chunk_size=args.prefill_chunk_size)[0]
 
-    once()  # compile
-    best = None
-    for _ in range(max(args.repeats, 1)):
-        r = once()
-        if best is None or r.stats.time_s < best.stats.time_s:
-            best = r
+    return once
+
+
+def summary(runs: list[Any]) -> dict[str, Any]:
+    """Our timed runs of one mode: the best time to first token, and the decode figures of the
+    run with the best total time."""
+    best = min(runs, key=lambda r: r.stats.time_s)
     s = best.stats
     decode_s = max(s.time_s - s.ttft_s, 1e-9)
-    return {"ttft_s": s.ttft_s, "time_s": s.time_s, "tokens": s.tokens,
-            "tokens_per_s": s.tokens_per_s, "decode_tokens_per_s": (s.tokens - 1) / decode_s,
-            "tpf": s.tpf, "acceptance_length": s.acceptance_length, "token_ids": best.token_ids}
+    return {"ttft_s": min(r.stats.ttft_s for r in runs), "time_s": s.time_s,
+            "tokens": s.tokens, "tokens_per_s": s.tokens_per_s,
+            "decode_tokens_per_s": (s.tokens - 1) / decode_s, "tpf": s.tpf,
+            "acceptance_length": s.acceptance_length, "token_ids": best.token_ids}
+
+
+def timed_interleaved(fns: dict[str, Callable[[], Any]], repeats: int
+                      ) -> dict[str, tuple[list[Any], float]]:
+    """Warm every fn up once, then run them in turn, `repeats` rounds: per name, (its outputs,
+    its best seconds)."""
+    for fn in fns.values():
+        fn()
+    out: dict[str, tuple[list[Any], float]] = {name: ([], float("inf")) for name in fns}
+    for _ in range(max(repeats, 1)):
+        for name, fn in fns.items():
+            res, dt = common.timed(fn)
+            outs, best = out[name]
+            out[name] = (outs + [res], min(best, dt))
+    return out
 
 
 def run_context(args, cfg, params, hf, lengths: list[int]) -> dict[str, Any]:
@@ -66,12 +84,14 @@ def run_context(args, cfg, params, hf, lengths: list[int]) -> dict[str, Any]:
     rows = []
     for n in lengths:
         ids = joined_prompt_ids(tok, args.prompts, n)
-        row = {"context": n, "hf_prefill_s": hf_prefill_seconds(hf, ids, args.repeats)
-               if hf is not None else None,
-               "hf_forward_all_logits_s": hf_prefill_seconds(hf, ids, args.repeats, True)
-               if hf is not None else None}
+        fns = {mode: ours(params, cfg, mode, ids, args) for mode in ("ar", "orthrus")}
+        if hf is not None:
+            fns.update(hf=hf_prefill(hf, ids), hf_all=hf_prefill(hf, ids, all_logits=True))
+        timed = timed_interleaved(fns, args.repeats)
+        row = {"context": n, "hf_prefill_s": timed["hf"][1] if hf is not None else None,
+               "hf_forward_all_logits_s": timed["hf_all"][1] if hf is not None else None}
         for mode in ("ar", "orthrus"):
-            row[mode] = ours(params, cfg, mode, ids, args)
+            row[mode] = summary(timed[mode][0])
         row["orthrus_equals_ar"] = row["orthrus"].pop("token_ids") == row["ar"].pop("token_ids")
         rows.append(row)
         print(f"context {n:6d}: TTFT ours {row['ar']['ttft_s']:.3f} s"
@@ -110,8 +130,9 @@ def markdown(record: dict[str, Any]) -> str:
              f"- model `{a['model']}`, HF peer `{a['hf_dir']}`, prompts: `{a['prompts']}` joined "
              f"and cut to each context length; max_new_tokens {a['max_new_tokens']}, greedy, "
              f"prefill chunk {a['prefill_chunk_size']}",
-             "- TTFT = our chunked prefill to the first token on the host; decode tok/s = "
-             "(tokens - 1) / (time - TTFT); compile excluded. On this CPU the micro model is "
+             "- TTFT = our chunked prefill to the first token on the host (best of the AR "
+             "runs); decode tok/s = (tokens - 1) / (time - TTFT) of the fastest run; compile "
+             "excluded; HF's prefill and our runs timed in turns, --repeats rounds. On this CPU the micro model is "
              "compute-bound: ratios across context lengths transfer, absolute figures do not.",
              f"- {record['paper_claim']}.\n",
              "- HF prefill = one forward pass with logits_to_keep=1 (the last position's logits, as "

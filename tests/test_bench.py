@@ -92,6 +92,25 @@ def test_bench_decode_smoke(tmp_path, micro_model_dir):
     assert "1 threads, --torch-threads" in md and "at the start" in md and "at the end" in md
 
 
+def test_bench_decode_context_lengths_smoke(tmp_path, micro_model_dir):
+    """--context-lengths: per length, HF's prefill and ours (AR, Orthrus) timed in turns; our
+    TTFT no later than the run's end, Orthrus == AR; no target below 3,000 tokens."""
+    from bench import decode
+
+    rec = decode.main(["--model", str(micro_model_dir), "--hf-dir", str(micro_model_dir),
+                       "--prompts", str(DEV_PROMPTS), "--context-lengths", "64,200",
+                       "--max-new-tokens", "4", "--block-size", "8", "--repeats", "2",
+                       "--prefill-chunk-size", "64", "--torch-threads", "1",
+                       "--out-dir", str(tmp_path)])
+    assert [r["context"] for r in rec["rows"]] == [64, 200]
+    for r in rec["rows"]:
+        assert r["hf_prefill_s"] > 0 and r["hf_forward_all_logits_s"] > 0
+        assert 0 < r["ar"]["ttft_s"] <= r["ar"]["time_s"] and r["ar"]["tokens"] == 4
+        assert r["orthrus_equals_ar"] is True
+    assert rec["targets"] == []
+    for f in _files(rec):
+        assert (tmp_path / os.path.basename(f)).exists()
+
 def test_bench_decode_tree_verify(tmp_path, micro_model_dir):
     """--verify tree: Orthrus with a 12-node tree matches our AR token for token."""
     from bench import decode
