@@ -20,8 +20,8 @@ Backends (`select_backend`):
   more than one [query chunk x key chunk] tile of scores per head group exists (many small
   blocks, as in training, go in groups of q_chunk / T blocks). Cost follows the live context,
   not the cache size: when decoding (`dynamic_skip`), a loop runs over the live prefix key chunks
-  only (in prefill, those every row sees whole with no mask); under differentiation, key chunks past the longest visible prefix of a group (and, when
-  causal, past the query chunk) are skipped with a `lax.cond` inside a static-trip-count scan
+  only (in prefill, those every row sees whole with no mask); under differentiation, key chunks
+  past the longest visible prefix of a group (and, when causal, past the query chunk) are skipped with a `lax.cond` inside a static-trip-count scan
   (reverse-mode works; each chunk is rematerialised in the backward). A causal diagonal tile is
   split into query sub-blocks that score only the keys up to their own end, and the key chunks
   before it need no mask.
@@ -80,6 +80,8 @@ def attention(q: Array, block_k: Array, block_v: Array, *, prefix_k: Array | Non
     """
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    if diagonal_split < 1:
+        raise ValueError(f"attention diagonal_split must be >= 1, got {diagonal_split}")
     has_prefix = prefix_k is not None
     if has_prefix and prefix_len is None:
         raise ValueError("prefix_len is required with prefix_k/prefix_v")
@@ -225,12 +227,11 @@ def _xla_chunked(q, bk, bv, pk, pv, plen, causal, bmask, q_chunk, k_chunk, dynam
                 vis = (idx >= c * kc)[None, None, :] & (idx[None, None, :] < plen[:, :, None])
                 return _update(state, s, vis[:, None, :, None, :], v, prefix_pv)
 
+            n_live = jnp.minimum((max_plen + kc - 1) // kc, nk)   # chunks any row sees
             if dynamic and t <= FEW_QUERIES:   # only the live chunks: a traced trip count
-                n_live = jnp.minimum((max_plen + kc - 1) // kc, nk)
                 step = jax.checkpoint(prefix_step)
                 state = jax.lax.fori_loop(0, n_live, lambda c, st: step(st, c), state)
             elif dynamic:  # many queries (prefill): the chunks every row sees whole, unmasked
-                n_live = jnp.minimum((max_plen + kc - 1) // kc, nk)
                 n_whole = jnp.minimum(jnp.min(plen) // kc, n_live)
                 whole = jax.checkpoint(functools.partial(prefix_step, masked=False))
                 part = jax.checkpoint(prefix_step)
@@ -264,15 +265,17 @@ def _xla_chunked(q, bk, bv, pk, pv, plen, causal, bmask, q_chunk, k_chunk, dynam
             s = _bdot(qblk, k, ((4,), (4,)), (0, 1, 2))              # [B, KV, N, M, qc]
             return _update(state, s, vis, v, block_pv)
 
-        split_diagonal = causal and bmask is None and qc > sub and qc % sub == 0
+        split_diagonal = causal and bmask is None and qc > sub
 
         @jax.checkpoint
         def diagonal_step(state, c):
-            """The causal tile c == qi as query sub-blocks j, each scored against the keys up to
-            its own end only (keys past it are invisible): ~5/8 of the whole tile at 4 blocks."""
+            """The causal tile c == qi as query sub-blocks of `sub` queries (the last one shorter
+            when sub does not divide qc), each scored against the keys up to its own end only
+            (keys past it are invisible): ~5/8 of the whole tile at 4 sub-blocks."""
             parts = []
-            for j in range(qc // sub):
-                r0, r1, width = j * sub * g, (j + 1) * sub * g, (j + 1) * sub
+            for j in range(-(-qc // sub)):
+                width = min((j + 1) * sub, qc)
+                r0, r1 = j * sub * g, width * g
                 k = jax.lax.dynamic_slice_in_dim(bk, c * qc, width, axis=3)
                 v = jax.lax.dynamic_slice_in_dim(bv, c * qc, width, axis=3)
                 k_idx = c * qc + jnp.arange(width, dtype=jnp.int32)

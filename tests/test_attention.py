@@ -51,6 +51,8 @@ CASES = {
     "ar-decode-ragged": (3, 1, 5, 70, 4, 2, [[0], [33], [70]], True),
     "ar-verify-ragged": (2, 1, 5, 70, 4, 2, [[37], [70]], True),
     "ar-prefill-chunk": (2, 1, 40, 90, 2, 1, [[40], [40]], True),
+    # more than FEW_QUERIES queries: the live loop's unmasked whole-chunk prefix, ragged rows
+    "ar-prefill-ragged": (2, 1, 72, 90, 2, 1, [[37], [90]], True),
     "ar-no-prefix-long": (2, 1, 45, 0, 4, 1, None, True),
     "diffusion-draft-ragged": (2, 1, 8, 50, 4, 4, [[13], [49]], False),
     "diffusion-training-blocks": (2, 3, 8, 40, 4, 2, [[1, 9, 20], [5, 17, 32]], False),
@@ -151,6 +153,37 @@ def test_causal_split_diagonal_gradient_equals_dense():
         q, None, None, None, k, bv, True)), argnums=(0, 1))(q, bk)
     for a, r in zip(ours, ref):
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("split", [8, 10], ids=["divides", "shorter-last"])
+def test_one_query_chunk_split_diagonal_equals_dense(split):
+    """One query chunk (q_chunk >= T, the default prefill shape) with its diagonal tile split
+    (sub-blocks of 8, or of 10 with a shorter last one), over ragged prefixes through the live
+    loop; and reverse mode through the split diagonal with no prefix."""
+    b, n, t, s, h, kv, plen, _ = CASES["ar-prefill-ragged"]
+    q, bk, bv, pk, pv = _inputs(13, b, n, t, s, h, kv)
+    plen = jnp.asarray(plen, jnp.int32)
+    ours = jax.jit(lambda q: attention(q, bk, bv, prefix_k=pk, prefix_v=pv, prefix_len=plen,
+                                       causal=True, backend="xla", q_chunk=128, k_chunk=16,
+                                       diagonal_split=split, dynamic_skip=True))(q)
+    ref = dense_reference(q, pk, pv, plen, bk, bv, True)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=ATOL, rtol=0)
+    w = jax.random.normal(jax.random.PRNGKey(3), q.shape)
+    grads = jax.grad(lambda q, k: jnp.sum(w * attention(
+        q, k, bv, causal=True, backend="xla", q_chunk=128, diagonal_split=split)),
+        argnums=(0, 1))(q, bk)
+    ref_grads = jax.grad(lambda q, k: jnp.sum(w * dense_reference(
+        q, None, None, None, k, bv, True)), argnums=(0, 1))(q, bk)
+    for a, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), atol=ATOL, rtol=0)
+
+
+def test_diagonal_split_below_one_is_an_error():
+    q = jnp.zeros((1, 1, 2, 2, 8))
+    k = jnp.zeros((1, 1, 2, 1, 8))
+    with pytest.raises(ValueError, match="diagonal_split"):
+        attention(q, k, k, causal=True, backend="xla", diagonal_split=0)
+
 
 def test_splash_interpret_equals_dense():
     """The Pallas splash kernel (TPU), run in interpret mode on the CPU: causal, no prefix."""
