@@ -21,8 +21,9 @@ Backends (`select_backend`):
   blocks, as in training, go in groups of q_chunk / T blocks). Cost follows the live context,
   not the cache size: when decoding (`dynamic_skip`), a loop runs over the live prefix key chunks
   only (in prefill, those every row sees whole with no mask); under differentiation, key chunks
-  past the longest visible prefix of a group (and, when causal, past the query chunk) are skipped with a `lax.cond` inside a static-trip-count scan
-  (reverse-mode works; each chunk is rematerialised in the backward). A causal diagonal tile is
+  past the longest visible prefix of a group (and, when causal, past the query chunk) are
+  skipped with a `lax.cond` inside a static-trip-count scan (reverse-mode works; each chunk is
+  rematerialised in the backward). A causal diagonal tile is
   split into query sub-blocks that score only the keys up to their own end, and the key chunks
   before it need no mask.
 """
@@ -241,8 +242,7 @@ def _xla_chunked(q, bk, bv, pk, pv, plen, causal, bmask, q_chunk, k_chunk, dynam
                 step = jax.checkpoint(prefix_step)
 
                 def prefix_body(state, c):
-                    live = c * kc < max_plen
-                    return jax.lax.cond(live, step, lambda s, _: s, state, c), None
+                    return jax.lax.cond(c < n_live, step, lambda s, _: s, state, c), None
 
                 state, _ = jax.lax.scan(prefix_body, state, jnp.arange(nk, dtype=jnp.int32))
 
