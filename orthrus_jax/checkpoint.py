@@ -257,10 +257,16 @@ def iter_model_leaves(model_dir: str, dtype: Any = None,
     path = _params_path(model_dir)
     index = _read_index(path)
     shardings = shardings or {}
+    # a leaf with no sharding given goes to this process's default device: never to the device
+    # recorded at save time (a CPU-written checkpoint names cpu:0, absent on a GPU machine)
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
     if index is None:  # older single-tree layout: restore the whole tree, then hand it out
+        targets = {name: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=default)
+                   for name, spec in specs.items()}
         with ocp.StandardCheckpointer() as checkpointer:
-            stored = dict(iter_leaves(checkpointer.restore(path, assemble_leaves(specs.items()))))
+            stored = dict(iter_leaves(checkpointer.restore(path,
+                                                           assemble_leaves(targets.items()))))
         for name in specs:
             yield name, cast(stored.pop(name))
         return
@@ -270,7 +276,7 @@ def iter_model_leaves(model_dir: str, dtype: Any = None,
                 raise ConfigError(f"{path}/{LEAF_INDEX}: no parameter leaf {name!r}")
             sub = index["leaves"][name]["dir"]
             target = jax.ShapeDtypeStruct(spec.shape, spec.dtype if dtype is None else dtype,
-                                          sharding=shardings.get(name))
+                                          sharding=shardings.get(name, default))
             leaf_path = os.path.join(path, sub)
             try:
                 arr = cast(checkpointer.restore(leaf_path, {sub: target})[sub])

@@ -379,3 +379,44 @@ def test_converter_streams_peak_memory_under_one_model(tmp_path):
     base = baseline_rss()
     assert os.path.exists(tmp_path / "out" / "params")
     assert peak - base < 1.0 * model_bytes, (peak, base, model_bytes)
+
+
+_LOAD_IN_ONE_DEVICE_PROCESS = """
+import json, sys
+import jax, numpy as np
+from orthrus_jax.checkpoint import load_model
+for d in sys.argv[1:]:
+    _, params = load_model(d)
+    leaves = jax.tree_util.tree_leaves(params)
+    print(json.dumps({"devices": len(jax.devices()),
+                      "leaf_devices": sorted({str(dev) for x in leaves for dev in x.devices()}),
+                      "sum": sum(float(np.asarray(x, np.float64).sum()) for x in leaves)}))
+"""
+
+
+def test_model_dir_saved_from_another_device_loads_on_the_default_one(micro_model_dir, tmp_path):
+    """A checkpoint records the device its leaves were saved from (here cpu:7 of 8); a process
+    without that device (here one CPU device; on a GPU machine, a checkpoint written on the CPU)
+    restores every leaf onto its own default device, in both params/ layouts."""
+    import orbax.checkpoint as ocp
+
+    from orthrus_jax.checkpoint import write_model_dir
+
+    assert convert(micro_model_dir, tmp_path / "jax") == 0
+    cfg, params = load_model(str(tmp_path / "jax"))
+    on_last = jax.device_put(params, jax.devices()[-1])
+    write_model_dir(str(tmp_path / "leaves"), cfg, on_last, str(micro_model_dir))
+    write_model_dir(str(tmp_path / "tree"), cfg, on_last, str(micro_model_dir))
+    shutil.rmtree(tmp_path / "tree" / "params")
+    with ocp.StandardCheckpointer() as ckptr:   # the older single-tree layout
+        ckptr.save(str(tmp_path / "tree" / "params"), on_last)
+    total = sum(float(np.asarray(x, np.float64).sum()) for x in jax.tree_util.tree_leaves(params))
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    out = subprocess.run([sys.executable, "-c", _LOAD_IN_ONE_DEVICE_PROCESS,
+                          str(tmp_path / "leaves"), str(tmp_path / "tree")],
+                         capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    loaded = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [(x["devices"], x["leaf_devices"]) for x in loaded] == [(1, ["cpu:0"])] * 2
+    assert [x["sum"] for x in loaded] == [pytest.approx(total, rel=1e-12)] * 2
