@@ -12,7 +12,8 @@ compiled shape, then the whole prompt set is timed (best of --repeats); tokens/s
 (up to and including EOS) / wall seconds, prefill included, compile excluded. Greedy outputs are
 compared token for token (Orthrus vs our AR vs HF). The HF peer runs on torch's default thread
 count unless --torch-threads N; the count used and the load average at the start and the end of
-the run are recorded (torch on a few shared cores is sensitive to other load). --num-prompts must
+the run are recorded (torch on a few shared cores is sensitive to other load). The HF peer runs
+on --hf-device (default cpu; e.g. cuda, each timed call then synchronized). --num-prompts must
 be at least the largest batch size. Writes decode-<stamp>.{json,md,png}.
 
     python -m bench.decode --context-lengths 256,1024,2048,3584 [--max-new-tokens 128]
@@ -80,18 +81,41 @@ def find_tokenizer(*dirs: str) -> str:
 # engines
 
 
-class HFPeer:
-    """Batched HF generate over token-id prompts (left padding), fp32 on CPU."""
+def check_hf_device(device: str):
+    """--hf-device as a torch.device that torch can allocate on (a one-line usage error
+    naming --hf-device otherwise: an unknown device string, no CUDA, an index out of range)."""
+    import torch
 
-    def __init__(self, hf_dir: str, dtype: str = "float32", threads: int | None = None):
+    try:
+        dev = torch.device(device)
+        torch.zeros(1, device=dev)
+    except Exception as err:  # noqa: BLE001 - RuntimeError, AssertionError (no CUDA build), ...
+        msg = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise common.UsageError(f"--hf-device {device!r}: torch cannot use it ({msg})") from None
+    return dev
+
+
+class HFPeer:
+    """Batched HF generate over token-id prompts (left padding), on `device` (--hf-device)."""
+
+    def __init__(self, hf_dir: str, dtype: str = "float32", threads: int | None = None,
+                 device: str = "cpu"):
         import torch
         from transformers import AutoModelForCausalLM
 
+        self.device = check_hf_device(device)
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch
         self.model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=getattr(torch, dtype))
+        self.model.to(self.device)
         self.model.eval()
+
+    def sync(self) -> None:
+        """Wait for the device's queued work (CUDA kernels run asynchronously), so a timed call
+        that ends with sync() measures the work itself; a no-op on CPU."""
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize(self.device)
 
     def generate(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int,
                  eos_ids: Sequence[int], pad_id: int, temperature: float = 0.0, top_k: int = 0,
@@ -114,7 +138,9 @@ class HFPeer:
                 ids[r, width - len(p):] = torch.tensor(p)
                 mask[r, width - len(p):] = 1
             with torch.inference_mode():
-                gen = self.model.generate(input_ids=ids, attention_mask=mask, **kw)
+                gen = self.model.generate(input_ids=ids.to(self.device),
+                                          attention_mask=mask.to(self.device), **kw)
+            self.sync()
             for r, i in enumerate(idx):
                 out[i] = truncate_at_eos(gen[r, width:].tolist(), eos_ids)
         return out  # type: ignore[return-value]
@@ -263,7 +289,8 @@ def markdown(record: dict[str, Any]) -> str:
     a = record["args"]
     lines = [common.md_preamble("Decode benchmark: HF generate vs ours (AR) vs Orthrus", record),
              f"- model: `{a['model']}` (dtype {a['dtype']}), " + (
-                 f"HF peer: `{a['hf_dir']}` (torch {record.get('torch', '?')}, "
+                 f"HF peer: `{a['hf_dir']}` on {record.get('hf_device', 'cpu')} "
+                 f"(torch {record.get('torch', '?')}, "
                  f"{record.get('torch_threads', '?')} threads, "
                  f"{record.get('torch_threads_source', '?')})" if "torch" in record
                  else "HF peer: not run (--engines)"),
@@ -325,8 +352,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             f"{max(batch_sizes)} prompts or drop the larger sizes")
     if args.torch_threads is not None and args.torch_threads < 1:
         raise common.UsageError(f"--torch-threads {args.torch_threads}: give N >= 1")
-    record = common.header("decode", args)  # machine, load average at the start
     engines = [e for e in ENGINES if e in args.engines.split(",")]
+    if "hf" in engines:
+        check_hf_device(args.hf_device)  # a bad --hf-device fails before any model loads
+    record = common.header("decode", args)  # machine, load average at the start
     cfg, params = load_any_model(args.model, jnp.dtype(args.dtype))
     eos_ids = tuple(cfg.eos_token_ids) if args.eos is None else tuple(
         int(e) for e in args.eos.split(",") if e.strip())
@@ -334,10 +363,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.pad_id = eos_ids[0] if eos_ids else 0
     prompts = load_prompts(args.prompts, args.tokenizer or find_tokenizer(args.model, args.hf_dir),
                            args.num_prompts, args.max_prompt_tokens)
-    hf = HFPeer(args.hf_dir, args.dtype, args.torch_threads) if "hf" in engines else None
+    hf = (HFPeer(args.hf_dir, args.dtype, args.torch_threads, args.hf_device)
+          if "hf" in engines else None)
     if hf is not None:
         import torch
         record.update(torch=torch.__version__, torch_threads=torch.get_num_threads(),
+                      hf_device=str(hf.device),
                       torch_threads_source="--torch-threads" if args.torch_threads
                       else "torch default")
         import transformers
@@ -399,13 +430,15 @@ def run_context_lengths(args: argparse.Namespace) -> dict[str, Any]:
     from bench.decode_context import run_context
 
     lengths = positive_ints("--context-lengths", args.context_lengths, "256,1024")
+    if "hf" in args.engines.split(","):
+        check_hf_device(args.hf_device)  # a bad --hf-device fails before any model loads
     cfg, params = load_any_model(args.model, jnp.dtype(args.dtype))
     if max(lengths) + args.max_new_tokens > cfg.max_position_embeddings:
         raise common.UsageError(
             f"--context-lengths up to {max(lengths)} + --max-new-tokens {args.max_new_tokens} "
             f"exceed the model's max_position_embeddings {cfg.max_position_embeddings}")
     args.tokenizer_file = args.tokenizer or find_tokenizer(args.model, args.hf_dir)
-    hf = (HFPeer(args.hf_dir, args.dtype, args.torch_threads)
+    hf = (HFPeer(args.hf_dir, args.dtype, args.torch_threads, args.hf_device)
           if "hf" in args.engines.split(",") else None)
     return run_context(args, cfg, params, hf, lengths)
 
@@ -448,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--torch-threads", type=int, default=None, metavar="N",
                    help="torch.set_num_threads(N) for the HF peer (default: torch's own default; "
                         "the count used is recorded)")
+    p.add_argument("--hf-device", default="cpu", metavar="DEVICE",
+                   help="torch device of the HF peer: cpu (default), cuda, cuda:1, ...; CUDA "
+                        "calls are synchronized before their timer stops")
     p.add_argument("--out-dir", default=common.DEFAULT_OUT_DIR)
     return p
 

@@ -188,9 +188,18 @@ def bench_server(name: str, cmd: list[str], port: int, model: str, prompts: list
 
 def markdown(record: dict[str, Any]) -> str:
     lines = [common.md_preamble("Serving load test", record)]
-    lines.append("ITL = per request, (last chunk - first chunk) / (tokens - 1); Orthrus streams "
-                 "several tokens per chunk. CPU: the micro model is compute-bound here; the "
-                 "ratios, not the absolute numbers, are what transfers.\n")
+    on_gpu = record["machine"].get("backend") == "gpu"
+    peer = (f"the peer (transformers {record['transformers']}) on torch device "
+            f"{record.get('peer_device', 'cpu')}" if "transformers" in record
+            else "no peer in this run")
+    lines.append(f"- ours on jax's {record['machine'].get('backend', '?')} backend, {peer}; fp32")
+    lines.append("- ITL = per request, (last chunk - first chunk) / (tokens - 1); Orthrus streams "
+                 "several tokens per chunk. "
+                 + ("GPU: the micro model has 4M parameters, far too few to load the GPU's "
+                    "arithmetic or memory bandwidth; absolute figures do not transfer to larger "
+                    "models.\n" if on_gpu else
+                    "CPU: the micro model is compute-bound here; the ratios, not the absolute "
+                    "numbers, are what transfers.\n"))
     rows = [[r["server"], r["setting"], r["concurrency"], f"{r['output_tok_s']:.1f}",
              f"{r['req_s']:.2f}", f"{r['ttft_p50_s']:.3f}", f"{r['ttft_p99_s']:.3f}",
              f"{r['itl_p50_s'] or 0:.4f}", f"{r['itl_p99_s'] or 0:.4f}",
@@ -267,12 +276,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         exe = shutil.which("transformers") or os.path.join(os.path.dirname(sys.executable),
                                                            "transformers")
         port = _free_port()
-        cmd = [exe, "serve", "--continuous-batching", "--device", "cpu", "--dtype", "float32",
+        cmd = [exe, "serve", "--continuous-batching", "--device", args.peer_device,
+               "--dtype", "float32",
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", args.hf_dir]
         runs += bench_server("transformers", cmd, port, args.hf_dir, prompts, args, tok,
                              os.path.join(log_dir, "serve-transformers.log"), top_k=False)
         import transformers
-        record["transformers"] = transformers.__version__
+        record.update(transformers=transformers.__version__, peer_device=args.peer_device)
     record["runs"] = runs
     by = {(r["server"], r["setting"], r["concurrency"]): r for r in runs}
     targets = []
@@ -319,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="mode tree: draft nodes per cycle (default K-1)")
     p.add_argument("--no-peer", dest="peer", action="store_false",
                    help="skip transformers serve")
+    p.add_argument("--peer-device", default="cpu",
+                   help="transformers serve --device (default cpu; cuda on a GPU machine)")
     p.add_argument("--out-dir", default=common.DEFAULT_OUT_DIR)
     return p
 

@@ -93,23 +93,77 @@ def test_bench_decode_smoke(tmp_path, micro_model_dir):
 
 
 def test_bench_decode_context_lengths_smoke(tmp_path, micro_model_dir):
-    """--context-lengths: per length, HF's prefill and ours (AR, Orthrus) timed in turns; our
-    TTFT no later than the run's end, Orthrus == AR; no target below 3,000 tokens."""
+    """--context-lengths: per length, HF's prefill, our TTFT (generate with max_new_tokens=1,
+    timed from outside) and ours (AR, Orthrus) timed in turns, every round's seconds recorded;
+    Orthrus == AR; no target below 3,000 tokens. 200 > --prefill-chunk-size 128: chunked."""
     from bench import decode
 
     rec = decode.main(["--model", str(micro_model_dir), "--hf-dir", str(micro_model_dir),
                        "--prompts", str(DEV_PROMPTS), "--context-lengths", "64,200",
                        "--max-new-tokens", "4", "--block-size", "8", "--repeats", "2",
-                       "--prefill-chunk-size", "64", "--torch-threads", "1",
+                       "--prefill-chunk-size", "128", "--torch-threads", "1",
                        "--out-dir", str(tmp_path)])
     assert [r["context"] for r in rec["rows"]] == [64, 200]
+    assert rec["hf_device"] == "cpu" and rec["args"]["hf_device"] == "cpu"
     for r in rec["rows"]:
-        assert r["hf_prefill_s"] > 0 and r["hf_forward_all_logits_s"] > 0
-        assert 0 < r["ar"]["ttft_s"] <= r["ar"]["time_s"] and r["ar"]["tokens"] == 4
+        samples = r["samples_s"]
+        assert sorted(samples) == ["ar", "hf", "hf_all", "orthrus", "ttft"]
+        assert all(len(v) == 2 and min(v) > 0 for v in samples.values())
+        assert r["ttft_s"] == min(samples["ttft"]) > 0
+        assert r["hf_prefill_s"] == min(samples["hf"]) > 0
+        assert r["hf_forward_all_logits_s"] == min(samples["hf_all"]) > 0
+        assert r["ttft_over_hf_prefill"] == r["ttft_s"] / r["hf_prefill_s"]
+        assert r["ar"]["tokens"] == 4 and r["ar"]["generate_internal_ttft_s"] > 0
+        assert r["ar"]["decode_tokens_per_s"] > 0 and r["orthrus"]["decode_tokens_per_s"] > 0
         assert r["orthrus_equals_ar"] is True
-    assert rec["targets"] == []
+    assert rec["targets"] == []  # no context >= 3,000
     for f in _files(rec):
         assert (tmp_path / os.path.basename(f)).exists()
+    md = _load(tmp_path, rec, "markdown")
+    assert "on cpu" in md and "max_new_tokens=1" in md
+    assert ("On this CPU" in md) == (rec["machine"]["backend"] == "cpu")
+
+
+def test_timed_interleaved_warms_up_then_rotates(monkeypatch):
+    """Every fn warmed up once (untimed), then one timed call each per round, round r starting
+    at fn r mod n; per name its outputs and seconds, one per round."""
+    from bench import common, decode_context
+
+    calls, timed = [], []
+
+    def fake(name):
+        def fn():
+            calls.append(name)
+            return f"{name}{len([c for c in calls if c == name])}"
+        return fn
+
+    def fake_timed(fn):
+        out = fn()
+        timed.append(calls[-1])
+        return out, float(len(timed))
+
+    monkeypatch.setattr(common, "timed", fake_timed)
+    out = decode_context.timed_interleaved({n: fake(n) for n in "abc"}, repeats=4)
+    assert calls[:3] == ["a", "b", "c"]  # the warm-up, untimed
+    assert timed == calls[3:] == list("abc" "bca" "cab" "abc")
+    assert out["a"] == (["a2", "a3", "a4", "a5"], [1.0, 6.0, 8.0, 10.0])
+    assert out["b"] == (["b2", "b3", "b4", "b5"], [2.0, 4.0, 9.0, 11.0])
+    assert out["c"] == (["c2", "c3", "c4", "c5"], [3.0, 5.0, 7.0, 12.0])
+    calls.clear()
+    assert decode_context.timed_interleaved({"d": fake("d")}, repeats=0) == {"d": (["d2"], [13.0])}
+
+
+def test_bench_decode_bad_hf_device(tmp_path, capsys):
+    """A device string torch cannot use: one line naming --hf-device, exit 2, no files."""
+    from bench import decode
+
+    with pytest.raises(SystemExit) as err:
+        decode.main(["--hf-device", "nodevice", "--out-dir", str(tmp_path)])
+    assert err.value.code == 2
+    err_text = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--hf-device 'nodevice'" in err_text
+    assert not list(tmp_path.iterdir())
+
 
 def test_bench_decode_tree_verify(tmp_path, micro_model_dir):
     """--verify tree: Orthrus with a 12-node tree matches our AR token for token."""
