@@ -248,6 +248,15 @@ def model_leaf_specs(model_dir: str) -> tuple[Qwen3Config, dict[str, jax.ShapeDt
     return cfg, {k: jax.ShapeDtypeStruct(s, dtype) for k, s in leaf_shapes(cfg).items()}
 
 
+def _default_device() -> jax.Device:
+    """Where jax puts a new array in this process: jax_default_device (a device or a platform
+    name) if set, else this process's first local device."""
+    dev = jax.config.jax_default_device
+    if isinstance(dev, str):
+        return jax.local_devices(backend=dev)[0]
+    return dev or jax.local_devices()[0]
+
+
 def iter_model_leaves(model_dir: str, dtype: Any = None,
                       shardings: dict[str, Any] | None = None) -> Iterator[tuple[str, jax.Array]]:
     """(leaf name, array) one leaf at a time, in leaf_shapes order; dtype (None keeps the stored
@@ -259,10 +268,11 @@ def iter_model_leaves(model_dir: str, dtype: Any = None,
     shardings = shardings or {}
     # a leaf with no sharding given goes to this process's default device: never to the device
     # recorded at save time (a CPU-written checkpoint names cpu:0, absent on a GPU machine)
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(_default_device())
     cast = (lambda x: x) if dtype is None else (lambda x: x.astype(dtype))
     if index is None:  # older single-tree layout: restore the whole tree, then hand it out
-        targets = {name: jax.ShapeDtypeStruct(spec.shape, spec.dtype, sharding=default)
+        targets = {name: jax.ShapeDtypeStruct(spec.shape, spec.dtype,
+                                              sharding=shardings.get(name, default))
                    for name, spec in specs.items()}
         with ocp.StandardCheckpointer() as checkpointer:
             stored = dict(iter_leaves(checkpointer.restore(path,

@@ -1,6 +1,8 @@
 """orthrus_jax.attention: every backend that runs here equals the dense two-source attention."""
 from __future__ import annotations
 
+import zlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +45,11 @@ def dense_reference(q, prefix_k, prefix_v, prefix_len, block_k, block_v, causal,
     return out.reshape(b, n, t, h, d)
 
 
+def _seed(name: str) -> int:
+    """A fixed seed per case name (str hash() changes with each process's hash seed)."""
+    return zlib.crc32(name.encode()) % 1000
+
+
 def _inputs(seed, b, n, t, s, h, kv, d=16):
     ks = jax.random.split(jax.random.PRNGKey(seed), 5)
     q = jax.random.normal(ks[0], (b, n, t, h, d))
@@ -68,7 +75,7 @@ CASES = {
 
 def _run_case(name, backend, **kw):
     b, n, t, s, h, kv, plen, causal = CASES[name]
-    q, bk, bv, pk, pv = _inputs(hash(name) % 1000, b, n, t, s, h, kv)
+    q, bk, bv, pk, pv = _inputs(_seed(name), b, n, t, s, h, kv)
     plen = None if plen is None else jnp.asarray(plen, jnp.int32)
     fn = jax.jit(lambda *a: attention(a[0], a[1], a[2], prefix_k=a[3], prefix_v=a[4],
                                       prefix_len=a[5], causal=causal, backend=backend, **kw))
@@ -96,39 +103,32 @@ def test_dot_product_attention_path_equals_dense(name):
     from orthrus_jax import attention as A
 
     b, n, t, s, h, kv, plen, causal = CASES[name]
-    q, bk, bv, pk, pv = _inputs(hash(name) % 1000, b, n, t, s, h, kv)
+    q, bk, bv, pk, pv = _inputs(_seed(name), b, n, t, s, h, kv)
     plen = None if plen is None else jnp.asarray(plen, jnp.int32)
     ours = jax.jit(lambda *a: A._dpa(*a, causal, None, "xla"))(q, bk, bv, pk, pv, plen)
     ref = dense_reference(q, pk, pv, plen, bk, bv, causal)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), atol=ATOL, rtol=0)
 
 
-BF16_ATOL = 2e-2   # bf16 inputs and output: a few units in the last place of outputs of order one
+BF16_TOL = 2e-2   # bf16 inputs and output: a few units in the last place of outputs of order one
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_cudnn_equals_dense_bf16_on_gpu(name):
     """The cuDNN backend itself (GPU, bf16, head_dim 128 as in Qwen3) against the dense fp32
-    reference on the same bf16-rounded inputs, beside the XLA path run in bf16; both views'
-    masks, ragged prefix lengths."""
+    reference on the same bf16-rounded inputs; both views' masks, ragged prefix lengths."""
     b, n, t, s, h, kv, plen, causal = CASES[name]
     args = [None if x is None else x.astype(jnp.bfloat16)
-            for x in _inputs(hash(name) % 1000, b, n, t, s, h, kv, d=128)]
+            for x in _inputs(_seed(name), b, n, t, s, h, kv, d=128)]
     q, bk, bv, pk, pv = args
     plen = None if plen is None else jnp.asarray(plen, jnp.int32)
-
-    def run(backend):
-        fn = jax.jit(lambda *a: attention(a[0], a[1], a[2], prefix_k=a[3], prefix_v=a[4],
-                                          prefix_len=a[5], causal=causal, backend=backend))
-        return np.asarray(fn(q, bk, bv, pk, pv, plen).astype(jnp.float32))
-
+    fn = jax.jit(lambda *a: attention(a[0], a[1], a[2], prefix_k=a[3], prefix_v=a[4],
+                                      prefix_len=a[5], causal=causal, backend="cudnn"))
+    ours = np.asarray(fn(q, bk, bv, pk, pv, plen).astype(jnp.float32))
     f32 = [None if x is None else x.astype(jnp.float32) for x in args]
     ref = np.asarray(dense_reference(f32[0], f32[3], f32[4], plen, f32[1], f32[2], causal))
-    cudnn, xla = run("cudnn"), run("xla")
-    print(f"{name}: max |cudnn - dense| {np.abs(cudnn - ref).max():.2e}, "
-          f"max |xla bf16 - dense| {np.abs(xla - ref).max():.2e}")
-    np.testing.assert_allclose(cudnn, ref, atol=BF16_ATOL, rtol=0)
+    np.testing.assert_allclose(ours, ref, atol=BF16_TOL, rtol=BF16_TOL)
 
 
 @pytest.mark.parametrize("backend", ["xla", "dpa"])

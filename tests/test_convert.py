@@ -402,6 +402,7 @@ def test_model_dir_saved_from_another_device_loads_on_the_default_one(micro_mode
 
     from orthrus_jax.checkpoint import write_model_dir
 
+    assert str(jax.devices()[-1]) == "cpu:7", "needs conftest's 8 host devices"
     assert convert(micro_model_dir, tmp_path / "jax") == 0
     cfg, params = load_model(str(tmp_path / "jax"))
     on_last = jax.device_put(params, jax.devices()[-1])
