@@ -165,10 +165,15 @@ def stamp() -> tuple[str, str]:
     return now.isoformat(timespec="seconds"), now.strftime("%Y%m%d-%H%M%S")
 
 
+RECORDED_ENV = ("XLA_FLAGS", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_MEM_FRACTION",
+                "JAX_PLATFORMS", "JAX_DEFAULT_MATMUL_PRECISION")
+
+
 def header(kind: str, args: Any) -> dict[str, Any]:
     date, file_stamp = stamp()
     return {"bench": kind, "date": date, "stamp": file_stamp, "command": args.command,
             "args": {k: repo_relative(v) for k, v in vars(args).items() if k != "command"},
+            "environment": {k: os.environ[k] for k in RECORDED_ENV if k in os.environ},
             "machine": machine_info()}
 
 
@@ -252,7 +257,9 @@ def md_preamble(title: str, record: dict[str, Any]) -> str:
     return (f"# {title}\n\n- date: {record['date']}\n- machine: {machine}\n"
             f"- load average (1 / 5 / 15 min): {load(m.get('load_avg'))} at the start, "
             f"{load(record.get('load_avg_end'))} at the end\n"
-            f"- command: `{record['command']}`\n")
+            f"- command: `{record['command']}`\n"
+            + "".join(f"- environment: `{k}={v}`\n"
+                      for k, v in (record.get("environment") or {}).items()))
 
 
 def device_label(machine: dict[str, Any]) -> str:

@@ -81,9 +81,9 @@ def find_tokenizer(*dirs: str) -> str:
 # engines
 
 
-def check_hf_device(device: str):
-    """--hf-device as a torch.device that torch can allocate on (a one-line usage error
-    naming --hf-device otherwise: an unknown device string, no CUDA, an index out of range)."""
+def check_hf_device(device: str, flag: str = "--hf-device"):
+    """The HF peer's device as a torch.device that torch can allocate on (a one-line usage error
+    naming `flag` otherwise: an unknown device string, no CUDA, an index out of range)."""
     import torch
 
     try:
@@ -91,7 +91,7 @@ def check_hf_device(device: str):
         torch.zeros(1, device=dev)
     except Exception as err:  # noqa: BLE001 - RuntimeError, AssertionError (no CUDA build), ...
         msg = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise common.UsageError(f"--hf-device {device!r}: torch cannot use it ({msg})") from None
+        raise common.UsageError(f"{flag} {device!r}: torch cannot use it ({msg})") from None
     return dev
 
 
@@ -483,7 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "the count used is recorded)")
     p.add_argument("--hf-device", default="cpu", metavar="DEVICE",
                    help="torch device of the HF peer: cpu (default), cuda, cuda:1, ...; CUDA "
-                        "calls are synchronized before their timer stops")
+                        "calls are synchronized before their timer stops. On one GPU shared "
+                        "with JAX, set XLA_PYTHON_CLIENT_PREALLOCATE=false (JAX otherwise takes "
+                        "75%% of its memory at start)")
     p.add_argument("--out-dir", default=common.DEFAULT_OUT_DIR)
     return p
 

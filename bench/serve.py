@@ -189,10 +189,14 @@ def bench_server(name: str, cmd: list[str], port: int, model: str, prompts: list
 def markdown(record: dict[str, Any]) -> str:
     lines = [common.md_preamble("Serving load test", record)]
     on_gpu = record["machine"].get("backend") == "gpu"
+    backend = record["machine"].get("backend", "?")
+    # records before --dtype: ours took its platform default (bf16 on GPU/TPU), the peer fp32
+    ours_dtype = record["args"].get("dtype") or ("bfloat16 (its default there)"
+                                                 if backend in ("gpu", "tpu") else "float32")
     peer = (f"the peer (transformers {record['transformers']}) on torch device "
-            f"{record.get('peer_device', 'cpu')}" if "transformers" in record
-            else "no peer in this run")
-    lines.append(f"- ours on jax's {record['machine'].get('backend', '?')} backend, {peer}; fp32")
+            f"{record.get('peer_device', 'cpu')} in {record['args'].get('dtype', 'float32')}"
+            if "transformers" in record else "no peer in this run")
+    lines.append(f"- ours on jax's {backend} backend in {ours_dtype}, {peer}")
     lines.append("- ITL = per request, (last chunk - first chunk) / (tokens - 1); Orthrus streams "
                  "several tokens per chunk. "
                  + ("GPU: the micro model has 4M parameters, far too few to load the GPU's "
@@ -250,6 +254,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.concurrency or min(args.concurrency) < 1 or any(m not in MODES for m in modes):
         raise common.UsageError("--concurrency needs integers >= 1, --modes a subset of "
                                 + ",".join(MODES))
+    if args.peer:
+        from bench.decode import check_hf_device
+
+        check_hf_device(args.peer_device, flag="--peer-device")  # before any server starts
     record = common.header("serve", args)
     tok = load_tokenizer(args.model)
     with open(args.prompts) as f:
@@ -266,7 +274,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         cmd = [sys.executable, "-m", "infer.serve", "--model", args.model, "--port", str(port),
                "--mode", "ar" if mode == "ar" else "orthrus", "--slots", str(slots),
                "--max-len", str(args.max_len), "--served-model-name", "ours", "--max-queue",
-               "1024"]
+               "1024", "--dtype", args.dtype]
         if mode == "tree":
             cmd += ["--verify", "tree"] + ([] if args.tree_budget is None
                                            else ["--tree-budget", str(args.tree_budget)])
@@ -277,7 +285,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                            "transformers")
         port = _free_port()
         cmd = [exe, "serve", "--continuous-batching", "--device", args.peer_device,
-               "--dtype", "float32",
+               "--dtype", args.dtype,
                "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", args.hf_dir]
         runs += bench_server("transformers", cmd, port, args.hf_dir, prompts, args, tok,
                              os.path.join(log_dir, "serve-transformers.log"), top_k=False)
@@ -295,7 +303,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         targets.append(common.target(
             "AR p99 TTFT below the peer's at concurrency 16 (peer / ours)",
             peer["ttft_p99_s"] / ours["ttft_p99_s"], 1.0,
-            f"{ours['ttft_p99_s']:.3f} vs {peer['ttft_p99_s']:.3f} s"))
+            f"peer {peer['ttft_p99_s']:.3f} s, ours {ours['ttft_p99_s']:.3f} s"))
     else:
         targets.append(common.target("AR vs transformers serve at concurrency 16", None, 5.0,
                                      "not measured (needs --modes with ar, the peer, and 16 in "
@@ -331,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="skip transformers serve")
     p.add_argument("--peer-device", default="cpu",
                    help="transformers serve --device (default cpu; cuda on a GPU machine)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="both servers' --dtype (default float32)")
     p.add_argument("--out-dir", default=common.DEFAULT_OUT_DIR)
     return p
 

@@ -353,3 +353,36 @@ def test_bench_serve_summary_and_bad_flags(tmp_path, capsys):
     assert err.value.code == 2
     assert "--concurrency '1,x'" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+    with pytest.raises(SystemExit) as err:  # a device torch cannot use: refused before any server
+        serve.main(["--peer-device", "nodevice", "--out-dir", str(tmp_path)])
+    err_text = capsys.readouterr().err.strip()
+    assert err.value.code == 2 and len(err_text.splitlines()) == 1
+    assert "--peer-device 'nodevice'" in err_text and not list(tmp_path.iterdir())
+
+
+def _serve_record(backend, args, **extra):
+    run = {"server": "ours-ar", "setting": "greedy", "concurrency": 16, "output_tok_s": 10.0,
+           "req_s": 1.0, "ttft_p50_s": 0.1, "ttft_p99_s": 0.2, "itl_p50_s": 0.01,
+           "itl_p99_s": 0.02, "acceptance_length": None}
+    return {"date": "2026-12-04T00:00:00+00:00", "command": "python -m bench.serve", "args": args,
+            "machine": {"backend": backend, "device_kind": backend, "processor": "x86_64",
+                        "cpu_count": 2, "host": "vm", "jax": "0"},
+            "runs": [run], "targets": [], **extra}
+
+
+def test_bench_serve_markdown_names_each_servers_device_and_dtype():
+    """The record's markdown says where and in what precision each server ran: --dtype when the
+    record has it; in records from before the flag, ours ran in its platform default (bf16 on a
+    GPU) while the peer always ran in fp32."""
+    from bench import serve
+
+    gpu_old = serve.markdown(_serve_record("gpu", {}, transformers="5.24.0", peer_device="cuda"))
+    assert ("ours on jax's gpu backend in bfloat16 (its default there), the peer (transformers "
+            "5.24.0) on torch device cuda in float32") in gpu_old
+    assert "GPU: the micro model has 4M parameters" in gpu_old
+    cpu_new = serve.markdown(_serve_record("cpu", {"dtype": "float32"}, transformers="5.24.0",
+                                           peer_device="cpu"))
+    assert "ours on jax's cpu backend in float32, the peer" in cpu_new
+    assert "on torch device cpu in float32" in cpu_new and "CPU: the micro model" in cpu_new
+    no_peer = serve.markdown(_serve_record("gpu", {"dtype": "bfloat16"}))
+    assert "ours on jax's gpu backend in bfloat16, no peer in this run" in no_peer
