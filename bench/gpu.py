@@ -16,7 +16,9 @@ break-even acceptance length (cycle / step - 1) and the projected speedup at an 
 AL: (AL + 1) * step / cycle, shown at several AL (PROJECTED_AL: measured by others, not here).
 EOS is disabled so every row runs the full --new-tokens. The JSON also records the device kind,
 jax/jaxlib, CUDA runtime and driver versions where available, and the device's peak memory.
-Writes gpu-<stamp>.{json,md,png}.
+--layers stacked,unstacked times both layer weight layouts on the same weights: the [layers, ...]
+arrays under a scan (what every CLI runs) and per-layer arrays in an unrolled loop
+(orthrus_jax.params.unstack_layers), one record row each. Writes gpu-<stamp>.{json,md,png}.
 """
 from __future__ import annotations
 
@@ -34,10 +36,11 @@ from infer import decoder
 from orthrus_jax.cli import ArgumentParser, parse_dtype
 from orthrus_jax.config import Qwen3Config
 from orthrus_jax.params import (DIFF_KEYS, DIFF_SOURCE, count_params, init_params, param_shapes,
-                                param_summary)
+                                param_summary, unstack_layers)
 from orthrus_jax.shapes import SHAPE_NAMES, shape_config
 
 CPU_SHAPES = ("tiny",)
+LAYER_LAYOUTS = ("stacked", "unstacked")  # [layers, ...] arrays under a scan; per-layer, unrolled
 # Acceptance lengths (drafts accepted per cycle, bonus excluded) to project the speedup at; from
 # the Orthrus method notes (paper tables and the vLLM PR). Only the first was measured end to end outside the paper.
 PROJECTED_AL: dict[float, str] = {
@@ -136,14 +139,27 @@ def time_mode(params, cfg: Qwen3Config, mode: str, prompts: list[list[int]], new
             "tpf": s["tpf"], "acceptance_length": s["acceptance_length"]}
 
 
-def bench_shape(name: str, args: argparse.Namespace, bw: float) -> dict[str, Any]:
+def bench_shape(name: str, args: argparse.Namespace, bw: float) -> list[dict[str, Any]]:
+    """One record per layer layout (--layers) of shape `name`, on the same random weights."""
     cfg = shape_config(name)
-    k = int(args.block_size or cfg.block_size)
     dtype = jnp.dtype(args.dtype)
     init = jax.jit(functools.partial(init_params, cfg, dtype=dtype))
     params = init(jax.random.PRNGKey(args.seed))
     jax.block_until_ready(params)
     print(f"{name}: random weights, {param_summary(cfg)}", flush=True)
+    recs = []
+    for layout in args.layers:
+        if layout == "unstacked":
+            params = unstack_layers(params)  # the stacked arrays go with the old tree
+        recs.append(bench_layout(name, cfg, params, layout, args, bw))
+    del params  # the next shape's weights need the memory
+    return recs
+
+
+def bench_layout(name: str, cfg: Qwen3Config, params: Any, layout: str,
+                 args: argparse.Namespace, bw: float) -> dict[str, Any]:
+    k = int(args.block_size or cfg.block_size)
+    dtype = jnp.dtype(args.dtype)
     rng = np.random.default_rng(args.seed)
     prompts = [rng.integers(1, cfg.vocab_size - 1, args.prompt_len).tolist()
                for _ in range(args.batch_size)]
@@ -152,13 +168,12 @@ def bench_shape(name: str, args: argparse.Namespace, bw: float) -> dict[str, Any
     nbytes = step_bytes(cfg, dtype, cache_len, args.batch_size)
     ar = time_mode(params, cfg, "ar", prompts, args.new_tokens, k, args.repeats)
     orth = time_mode(params, cfg, "orthrus", prompts, args.new_tokens, k, args.repeats)
-    del params  # the next shape's weights need the memory
     mem = device_memory()
     ar_floor = 1e3 * nbytes["ar_step"] / bw
     cyc_floor = 1e3 * nbytes["orthrus_cycle"] / bw
     ratio = orth["ms_per_step"] / ar["ms_per_step"]
-    rec = {"shape": name, "config": dataclasses.asdict(cfg), "params": param_summary(cfg),
-           "block_size": k,
+    rec = {"shape": name, "layer_layout": layout, "config": dataclasses.asdict(cfg),
+           "params": param_summary(cfg), "block_size": k,
            "dtype": dtype.name, "batch_size": args.batch_size, "prompt_len": args.prompt_len,
            "new_tokens": args.new_tokens, "cache_len": cache_len, "bytes": nbytes,
            "ar": ar, "orthrus": orth,
@@ -167,7 +182,7 @@ def bench_shape(name: str, args: argparse.Namespace, bw: float) -> dict[str, Any
            "cycle_over_ar_step": ratio, "break_even_acceptance_length": ratio - 1.0,
            "projected_speedup": {str(al): (al + 1.0) / ratio for al in PROJECTED_AL},
            "device_memory": mem}
-    print(f"{name:11s} AR {ar['ms_per_step']:.3f} ms/token (floor {ar_floor:.3f} ms, "
+    print(f"{name:11s} {layout:9s} AR {ar['ms_per_step']:.3f} ms/token (floor {ar_floor:.3f} ms, "
           f"x{rec['ar_over_floor']:.2f}); Orthrus {orth['ms_per_step']:.3f} ms/cycle (floor "
           f"{cyc_floor:.3f} ms, x{rec['cycle_over_floor']:.2f}); cycle/step {ratio:.2f}, "
           f"break-even AL {ratio - 1:.2f}", flush=True)
@@ -188,14 +203,15 @@ def markdown(record: dict[str, Any]) -> str:
     rows = []
     for r in record["shapes"]:
         mem = r.get("device_memory") or {}
-        rows.append([r["shape"], r["bytes"]["ar_weights"] / 1e9, r["ar"]["ms_per_step"],
+        rows.append([r["shape"], r.get("layer_layout", "stacked"),
+                     r["bytes"]["ar_weights"] / 1e9, r["ar"]["ms_per_step"],
                      r["ar"]["ms_per_step_median"], r["ar_floor_ms"], r["ar_over_floor"],
                      r["orthrus"]["ms_per_step"], r["orthrus"]["ms_per_step_median"],
                      r["cycle_floor_ms"], r["cycle_over_ar_step"],
                      r["break_even_acceptance_length"], r["ar"]["ttft_s"] * 1e3,
                      mem["peak_bytes_in_use"] / 1e9 if "peak_bytes_in_use" in mem else None])
     lines.append(common.md_table(
-        ["shape", "AR weights GB", "AR ms/token", "(median)", "floor ms", "AR/floor",
+        ["shape", "layers", "AR weights GB", "AR ms/token", "(median)", "floor ms", "AR/floor",
          "Orthrus ms/cycle", "(median)", "cycle floor ms", "cycle / AR step", "break-even AL",
          "prefill ms", "device peak GB"], rows))
     lines.append("\n## Projected speedup over AR = (AL + 1) x AR step / cycle\n")
@@ -203,8 +219,9 @@ def markdown(record: dict[str, Any]) -> str:
                  "elsewhere; random weights accept nothing here, so these are projections from "
                  "the measured step and cycle times, not measurements.\n")
     lines.append(common.md_table(
-        ["shape", *[f"AL {al:g}: {src}" for al, src in PROJECTED_AL.items()]],
-        [[r["shape"], *[f"{r['projected_speedup'][str(al)]:.2f}x" for al in PROJECTED_AL]]
+        ["shape", "layers", *[f"AL {al:g}: {src}" for al, src in PROJECTED_AL.items()]],
+        [[r["shape"], r.get("layer_layout", "stacked"),
+          *[f"{r['projected_speedup'][str(al)]:.2f}x" for al in PROJECTED_AL]]
          for r in record["shapes"]]))
     return "\n".join(lines) + "\n"
 
@@ -212,7 +229,7 @@ def markdown(record: dict[str, Any]) -> str:
 def plot(path: str, record: dict[str, Any]) -> None:
     shapes = record["shapes"]
     common.bar_chart(
-        path, [r["shape"] for r in shapes],
+        path, [f"{r['shape']} {r.get('layer_layout', 'stacked')}" for r in shapes],
         {"AR ms/token": [r["ar"]["ms_per_step"] for r in shapes],
          "AR floor": [r["ar_floor_ms"] for r in shapes],
          "Orthrus ms/cycle": [r["orthrus"]["ms_per_step"] for r in shapes],
@@ -230,6 +247,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise common.UsageError(f"unknown shape {unknown[0]!r}; choose from {', '.join(SHAPE_NAMES)}")
     if args.repeats < 1:
         raise common.UsageError(f"--repeats {args.repeats}: give N >= 1")
+    args.layers = [x.strip() for x in str(args.layers).split(",") if x.strip()]
+    if not args.layers or any(x not in LAYER_LAYOUTS for x in args.layers) \
+            or args.layers != sorted(set(args.layers), key=LAYER_LAYOUTS.index):
+        raise common.UsageError(f"--layers {','.join(args.layers)!r}: one or both of "
+                                f"{','.join(LAYER_LAYOUTS)}, in that order")
     check_platform(shapes)
     record = common.header("gpu", args)
     nbytes = args.bw_mib * 2**20 if args.bw_mib else (
@@ -239,7 +261,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           flush=True)
     record["bandwidth"] = bw
     record["projected_al"] = {str(al): src for al, src in PROJECTED_AL.items()}
-    record["shapes"] = [bench_shape(s, args, bw["bandwidth_Bps"]) for s in shapes]
+    record["shapes"] = [rec for s in shapes for rec in bench_shape(s, args, bw["bandwidth_Bps"])]
     files = common.write_record(args.out_dir, "gpu", record, markdown,
                                 chart=lambda path: plot(path, record))
     print(f"wrote {', '.join(files.values())}")
@@ -259,6 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--block-size", type=int, default=None, help="K (default: the shape's)")
     p.add_argument("--bw-mib", type=int, default=0,
                    help="size of the bandwidth copy in MiB (default 4096 on GPU, 64 otherwise)")
+    p.add_argument("--layers", default="stacked",
+                   help="layer weight layouts to time, stacked and/or unstacked (per-layer arrays, "
+                        "an unrolled loop: orthrus_jax.params.unstack_layers), in that order")
     p.add_argument("--repeats", type=int, default=5,
                    help="timed runs per mode after the compile run (best and median recorded)")
     p.add_argument("--seed", type=int, default=0)

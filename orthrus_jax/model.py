@@ -54,7 +54,14 @@ def _stack(params: Params, cfg: Qwen3Config, x: Array, positions: Array,
 
     if remat:
         layer = jax.checkpoint(layer)
-    x, kv = jax.lax.scan(layer, x, (params["layers"], jnp.arange(cfg.num_layers)))
+    if isinstance(params["layers"], tuple):   # per-layer weights (params.unstack_layers)
+        kvs = []
+        for i, lp in enumerate(params["layers"]):
+            x, layer_kv = layer(x, (lp, jnp.asarray(i, jnp.int32)))
+            kvs.append(layer_kv)
+        kv = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *kvs)
+    else:
+        x, kv = jax.lax.scan(layer, x, (params["layers"], jnp.arange(cfg.num_layers)))
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), kv
 
 

@@ -141,6 +141,29 @@ def merge_params(backbone: Params, trainable: Params) -> Params:
     return {**backbone, "layers": {**backbone["layers"], **trainable["layers"]}}
 
 
+def unstack_layers(params: Params) -> Params:
+    """The same weights with "layers" as a tuple of per-layer dicts instead of [layers, ...]
+    stacked arrays: the model then runs its layers as an unrolled Python loop instead of a scan.
+
+    For decoding on a GPU: there XLA copies each scanned layer's large weights out of the
+    stacked arrays before its matmuls (gpu-20261204-172005-hlo-excerpt.txt), so a memory-bound
+    step reads them three times. One stacked leaf at a time is split and then dropped, so peak
+    memory is the weights plus one leaf. Inference only: training, checkpoints and sharding
+    rules use the stacked layout.
+    """
+    stacked = dict(params["layers"])
+    n = {v.shape[0] for v in stacked.values()}
+    if len(n) != 1:
+        raise ValueError(f"stacked layer leaves disagree on the layer count: {sorted(n)}")
+    per_layer: list[dict[str, Any]] = [{} for _ in range(n.pop())]
+    for name in list(stacked):
+        arr = stacked.pop(name)
+        for i, lp in enumerate(per_layer):
+            lp[name] = arr[i]
+        del arr
+    return {**params, "layers": tuple(per_layer)}
+
+
 def count_params(tree: Params) -> int:
     return int(sum(np.prod(x.shape) for x in jax.tree_util.tree_leaves(tree)))
 

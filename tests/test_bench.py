@@ -33,8 +33,12 @@ def test_bench_gpu_tiny(tmp_path):
     from bench import gpu
 
     rec = gpu.main(["--shape", "tiny", "--prompt-len", "12", "--new-tokens", "8", "--repeats", "2",
-                    "--out-dir", str(tmp_path)])
-    (shape,) = rec["shapes"]
+                    "--layers", "stacked,unstacked", "--out-dir", str(tmp_path)])
+    shape, unstacked = rec["shapes"]
+    assert (shape["layer_layout"], unstacked["layer_layout"]) == ("stacked", "unstacked")
+    for mode in ("ar", "orthrus"):  # the same weights and greedy prompts: the same decoding
+        assert [unstacked[mode][k] == shape[mode][k] for k in ("tokens", "steps", "tpf")] \
+            == [True] * 3
     assert shape["ar"]["steps"] == 7 and shape["orthrus"]["steps"] >= 1
     assert shape["ar_floor_ms"] > 0 and shape["cycle_over_ar_step"] > 0
     for mode in ("ar", "orthrus"):
@@ -53,6 +57,7 @@ def test_bench_gpu_tiny(tmp_path):
     md = _load(tmp_path, rec, "markdown")
     for al in (3.84, 6.9, 11.7):  # the table is not only the optimistic case
         assert f"AL {al:g}" in md
+    assert "| tiny | unstacked |" in md
 
 
 def test_bench_gpu_refuses_real_shapes_without_gpu(tmp_path, capsys):
@@ -67,6 +72,11 @@ def test_bench_gpu_refuses_real_shapes_without_gpu(tmp_path, capsys):
     assert err.value.code == 2
     err_text = capsys.readouterr().err.strip()
     assert "no GPU" in err_text and len(err_text.splitlines()) == 1
+    assert not list(tmp_path.iterdir())
+    for bad in ("unstacked,stacked", "flat", ""):
+        with pytest.raises(SystemExit):
+            gpu.main(["--shape", "tiny", "--layers", bad, "--out-dir", str(tmp_path)])
+        assert "--layers" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 
 
