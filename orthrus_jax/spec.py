@@ -97,9 +97,37 @@ def process_logits_rows(logits: Array, temperature: Array, top_p: Array, top_k: 
     return jax.nn.log_softmax(x, axis=-1)
 
 
+SAMPLE_BLOCK = 128  # sample_tokens: vocabulary entries per block of the two-level search
+
+
 def sample_tokens(key: Array, logprobs: Array) -> Array:
-    """One token per leading index from normalised log-probabilities [..., V]."""
-    return jax.random.categorical(key, logprobs, axis=-1).astype(jnp.int32)
+    """One token per leading index from normalised log-probabilities [..., V], by inverse CDF:
+    the first token whose cumulative probability exceeds u * total, u ~ U[0, 1).
+
+    One uniform per draw, where jax.random.categorical draws Gumbel noise for every vocabulary
+    entry (on a 2-core CPU, 16 rows x 31 drafts x 8,192 entries: 94 ms a cycle against 2.7 ms
+    here). The search has two levels: the block of SAMPLE_BLOCK entries whose running sum passes
+    the threshold, then the entry inside it. A token of probability 0 is never drawn, also when
+    float rounding puts the threshold past a block's last positive entry.
+    """
+    v = logprobs.shape[-1]
+    nb = -(-v // SAMPLE_BLOCK)
+    p = jnp.exp(logprobs.astype(jnp.float32))
+    p = jnp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, nb * SAMPLE_BLOCK - v)])
+    pb = p.reshape(p.shape[:-1] + (nb, SAMPLE_BLOCK))
+    block_sum = jnp.sum(pb, axis=-1)                                       # [..., nb]
+    block_cum = jnp.cumsum(block_sum, axis=-1)
+    u = jax.random.uniform(key, logprobs.shape[:-1] + (1,), jnp.float32) * block_cum[..., -1:]
+
+    def last_positive(x: Array) -> Array:  # index of the last entry > 0 along the last axis
+        return jnp.max(jnp.where(x > 0, jnp.arange(x.shape[-1]), 0), axis=-1)
+
+    b = jnp.minimum(jnp.sum(block_cum <= u, axis=-1), last_positive(block_sum))
+    before = jnp.take_along_axis(block_cum - block_sum, b[..., None], axis=-1)
+    inner = jnp.take_along_axis(pb, b[..., None, None], axis=-2)[..., 0, :]  # [..., BLOCK]
+    j = jnp.minimum(jnp.sum(before + jnp.cumsum(inner, axis=-1) <= u, axis=-1),
+                    last_positive(inner))
+    return (b * SAMPLE_BLOCK + j).astype(jnp.int32)
 
 
 def greedy_verify(drafts: Array, target_logits: Array) -> tuple[Array, Array]:
