@@ -18,13 +18,17 @@ EOS is disabled so every row runs the full --new-tokens. The JSON also records t
 jax/jaxlib, CUDA runtime and driver versions where available, and the device's peak memory.
 --layers stacked,unstacked times both layer weight layouts on the same weights: the [layers, ...]
 arrays under a scan (what every CLI runs) and per-layer arrays in an unrolled loop
-(orthrus_jax.params.unstack_layers), one record row each. Writes gpu-<stamp>.{json,md,png}.
+(orthrus_jax.params.unstack_layers), one record row each; the device peak is the process's
+high-water mark so far (the unstacked row includes the stacked run and the split's transient
+copy). Writes gpu-<stamp>.{json,md,png}.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import functools
+import hashlib
+import json
 from typing import Any, Sequence
 
 import jax
@@ -136,7 +140,10 @@ def time_mode(params, cfg: Qwen3Config, mode: str, prompts: list[list[int]], new
             "ttft_s_median": float(np.median([x["ttft_s"] for x in samples])),
             "loop_s": best["loop_s"], "steps": best["steps"], "samples": samples,
             "tokens": s["tokens"], "tokens_per_s": s["tokens"] / best["time_s"],
-            "tpf": s["tpf"], "acceptance_length": s["acceptance_length"]}
+            "tpf": s["tpf"], "acceptance_length": s["acceptance_length"],
+            # what was decoded (greedy: layouts and runs must agree), without the ids themselves
+            "token_ids_sha256": hashlib.sha256(
+                json.dumps([r.token_ids for r in res]).encode()).hexdigest()}
 
 
 def bench_shape(name: str, args: argparse.Namespace, bw: float) -> list[dict[str, Any]]:

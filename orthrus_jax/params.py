@@ -147,9 +147,9 @@ def unstack_layers(params: Params) -> Params:
 
     For decoding on a GPU: there XLA copies each scanned layer's large weights out of the
     stacked arrays before its matmuls (gpu-20261204-172005-hlo-excerpt.txt), so a memory-bound
-    step reads them three times. One stacked leaf at a time is split and then dropped, so peak
-    memory is the weights plus one leaf. Inference only: training, checkpoints and sharding
-    rules use the stacked layout.
+    step reads them three times. The stacked arrays stay alive while the caller holds `params`:
+    peak memory is about twice the layer weights until it drops them. Inference only: training,
+    checkpoints and sharding rules use the stacked layout.
     """
     stacked = dict(params["layers"])
     n = {v.shape[0] for v in stacked.values()}

@@ -252,6 +252,46 @@ def test_sample_tokens_draws_the_distribution(v):
     assert chi2_pvalue(counts, probs) > P_MIN
 
 
+def _inverse_cdf_reference(p: np.ndarray, u: float) -> int:
+    """First positive entry whose float64 running sum exceeds u * total."""
+    cum = np.cumsum(p.astype(np.float64))
+    hits = np.nonzero((p > 0) & (cum > u * cum[-1]))[0]
+    return int(hits[0]) if len(hits) else int(np.nonzero(p > 0)[0][-1])
+
+
+def test_inverse_cdf_boundaries():
+    """Fixed thresholds: the first and last positive entries at u = 0 and u just below 1, empty
+    blocks skipped, rows searched with their own u, and a float-rounding case (found in review)
+    where the threshold falls between a block's true start and its float start: the entry drawn
+    must still have positive mass (a zero-mass entry 128 used to come back)."""
+    p = np.zeros(256, np.float32)
+    p[0], p[129] = 0.41988477, 0.45361233
+    assert int(S.inverse_cdf(jnp.asarray(p), jnp.asarray([0.48069394]))) == 129
+    q = np.zeros(700, np.float32)
+    q[[3, 130, 131, 650]] = [0.1, 0.2, 0.3, 0.4]          # blocks 0, 1 and 5; 2-4 empty
+    us = np.array([0.0, 0.05, 0.1, 0.29, 0.3, 0.6, 0.61, np.nextafter(np.float32(1), 0)],
+                  np.float32)
+    got = np.asarray(S.inverse_cdf(jnp.broadcast_to(jnp.asarray(q), (len(us), 700)),
+                                   jnp.asarray(us)[:, None]))
+    assert got.tolist() == [_inverse_cdf_reference(q, float(u)) for u in us]
+    assert got[0] == 3 and got[-1] == 650
+
+
+def test_inverse_cdf_matches_float64_reference_and_never_draws_zero_mass():
+    """Random sparse distributions and thresholds: every draw has positive mass, and any
+    disagreement with the float64 search sits within float32 rounding of an entry boundary."""
+    rng = np.random.default_rng(0)
+    n, v = 4000, 1000
+    p = rng.random((n, v)).astype(np.float32) * (rng.random((n, v)) < 0.02)
+    p[:, 0] += (p.sum(1) == 0)                                 # no empty row
+    u = rng.random((n, 1)).astype(np.float32)
+    got = np.asarray(S.inverse_cdf(jnp.asarray(p), jnp.asarray(u)))
+    assert np.all(p[np.arange(n), got] > 0)
+    for i in np.nonzero(got != [_inverse_cdf_reference(p[i], float(u[i, 0])) for i in range(n)])[0]:
+        cum = np.cumsum(p[i].astype(np.float64))
+        assert np.min(np.abs(cum - u[i, 0] * cum[-1])) < 1e-5 * cum[-1]
+
+
 def test_sample_tokens_catches_a_sharpened_distribution():
     """The same check has the power to see a mild bias: draws from p^1.1 (renormalised) fail it."""
     probs = np.array([0.5, 0.3, 0.15, 0.05])
