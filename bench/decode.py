@@ -100,10 +100,11 @@ class HFPeer:
 
     def __init__(self, hf_dir: str, dtype: str = "float32", threads: int | None = None,
                  device: str = "cpu"):
+        """device: checked by the caller (check_hf_device, before any model loads)."""
         import torch
         from transformers import AutoModelForCausalLM
 
-        self.device = check_hf_device(device)
+        self.device = torch.device(device)
         if threads:
             torch.set_num_threads(threads)
         self.torch = torch

@@ -188,7 +188,6 @@ def bench_server(name: str, cmd: list[str], port: int, model: str, prompts: list
 
 def markdown(record: dict[str, Any]) -> str:
     lines = [common.md_preamble("Serving load test", record)]
-    on_gpu = record["machine"].get("backend") == "gpu"
     backend = record["machine"].get("backend", "?")
     # records before --dtype: ours took its platform default (bf16 on GPU/TPU), the peer fp32
     ours_dtype = record["args"].get("dtype") or ("bfloat16 (its default there)"
@@ -201,7 +200,7 @@ def markdown(record: dict[str, Any]) -> str:
                  "several tokens per chunk. "
                  + ("GPU: the micro model has 4M parameters, far too few to load the GPU's "
                     "arithmetic or memory bandwidth; absolute figures do not transfer to larger "
-                    "models.\n" if on_gpu else
+                    "models.\n" if backend == "gpu" else
                     "CPU: the micro model is compute-bound here; the ratios, not the absolute "
                     "numbers, are what transfers.\n"))
     rows = [[r["server"], r["setting"], r["concurrency"], f"{r['output_tok_s']:.1f}",

@@ -151,17 +151,12 @@ def unstack_layers(params: Params) -> Params:
     peak memory is about twice the layer weights until it drops them. Inference only: training,
     checkpoints and sharding rules use the stacked layout.
     """
-    stacked = dict(params["layers"])
+    stacked = params["layers"]
     n = {v.shape[0] for v in stacked.values()}
     if len(n) != 1:
         raise ValueError(f"stacked layer leaves disagree on the layer count: {sorted(n)}")
-    per_layer: list[dict[str, Any]] = [{} for _ in range(n.pop())]
-    for name in list(stacked):
-        arr = stacked.pop(name)
-        for i, lp in enumerate(per_layer):
-            lp[name] = arr[i]
-        del arr
-    return {**params, "layers": tuple(per_layer)}
+    layers = tuple({name: arr[i] for name, arr in stacked.items()} for i in range(n.pop()))
+    return {**params, "layers": layers}
 
 
 def count_params(tree: Params) -> int:
