@@ -268,6 +268,16 @@ def device_label(machine: dict[str, Any]) -> str:
     return b if k == b else f"{b} {k}"
 
 
+def scale_caveat(machine: dict[str, Any]) -> str:
+    """One sentence for a micro-model record: which of its figures carry over to real models."""
+    if machine["backend"] == "cpu":
+        return ("On this CPU the micro model is compute-bound: ratios transfer, absolute figures "
+                "do not.")
+    return (f"On {device_label(machine)} the micro model (4M parameters) is far too small to load "
+            "it, so fixed per-step costs dominate; absolute figures do not transfer to larger "
+            "models.")
+
+
 def have_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401

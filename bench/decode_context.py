@@ -147,13 +147,7 @@ def markdown(record: dict[str, Any]) -> str:
               r["orthrus_tps_over_first"], r["orthrus"]["tpf"],
               r["orthrus"]["acceptance_length"], r["orthrus_equals_ar"]] for r in record["rows"]]
     machine = record["machine"]
-    if machine["backend"] == "cpu":
-        scale = ("On this CPU the micro model is compute-bound: ratios across context lengths "
-                 "transfer, absolute figures do not.")
-    else:
-        scale = (f"Ours on {common.device_label(machine)}: the micro model is far too small to "
-                 "load it, so fixed per-step costs dominate; absolute figures do not transfer "
-                 "to larger models.")
+    scale = common.scale_caveat(machine)
     hf_device = record.get("hf_device") or "not run"
     lines = [common.md_preamble("Decode speed against context length (batch 1)", record),
              f"- model `{a['model']}`, HF peer `{a['hf_dir']}` on {hf_device}, prompts: "

@@ -197,12 +197,7 @@ def markdown(record: dict[str, Any]) -> str:
             if "transformers" in record else "no peer in this run")
     lines.append(f"- ours on jax's {backend} backend in {ours_dtype}, {peer}")
     lines.append("- ITL = per request, (last chunk - first chunk) / (tokens - 1); Orthrus streams "
-                 "several tokens per chunk. "
-                 + ("GPU: the micro model has 4M parameters, far too few to load the GPU's "
-                    "arithmetic or memory bandwidth; absolute figures do not transfer to larger "
-                    "models.\n" if backend == "gpu" else
-                    "CPU: the micro model is compute-bound here; the ratios, not the absolute "
-                    "numbers, are what transfers.\n"))
+                 "several tokens per chunk. " + common.scale_caveat(record["machine"]) + "\n")
     rows = [[r["server"], r["setting"], r["concurrency"], f"{r['output_tok_s']:.1f}",
              f"{r['req_s']:.2f}", f"{r['ttft_p50_s']:.3f}", f"{r['ttft_p99_s']:.3f}",
              f"{r['itl_p50_s'] or 0:.4f}", f"{r['itl_p99_s'] or 0:.4f}",

@@ -66,7 +66,8 @@ from orthrus_jax import sharding as shd
 from orthrus_jax import spec as S
 from orthrus_jax.cache import KVCache, init_cache
 from orthrus_jax.config import Qwen3Config
-from orthrus_jax.model import PREFILL_CHUNK, ar_forward, draft_block, lm_logits
+from orthrus_jax.model import (PREFILL_CHUNK, ar_forward, draft_block, lm_logits,
+                                prefill_forward)
 
 Array = jax.Array
 TOP_K_CAP = 256  # largest top_k served (one lax.top_k of this width per sampled pass)
@@ -191,10 +192,10 @@ def _prefill_rows(params: Any, spec: EngineSpec, k: Array, v: Array, tokens: Arr
     old_k = jax.lax.dynamic_slice_in_dim(k, slot, 1, axis=1)
     old_v = jax.lax.dynamic_slice_in_dim(v, slot, 1, axis=1)
     row = KVCache(k=old_k, v=old_v, length=start.reshape(1).astype(jnp.int32))
-    hidden, row = ar_forward(params, spec.cfg, tokens, row)
+    last, row = prefill_forward(params, spec.cfg, tokens, row, (n_valid - 1).reshape(1))
     k = jax.lax.dynamic_update_slice_in_dim(k, jnp.where(write, row.k, old_k), slot, axis=1)
     v = jax.lax.dynamic_update_slice_in_dim(v, jnp.where(write, row.v, old_v), slot, axis=1)
-    return k, v, jax.lax.dynamic_index_in_dim(hidden[0], n_valid - 1, axis=0, keepdims=True)
+    return k, v, last
 
 
 def _prefill_slot(params: Any, spec: EngineSpec, k: Array, v: Array, tokens: Array,

@@ -21,47 +21,92 @@ DIFFUSION_VIEW = "_diff"
 PREFILL_CHUNK = 512  # prompt tokens per prefill chunk: the default of every prefilling path
 
 
-def _stack(params: Params, cfg: Qwen3Config, x: Array, positions: Array,
-           prefix_k: Array | None, prefix_v: Array | None, prefix_len: Array | None,
-           causal: bool, view: str, remat: bool = False, block_mask: Array | None = None,
-           inference: bool = False) -> tuple[Array, tuple[Array, Array]]:
-    """Run all layers on x [B, N, T, D]; returns (final-normed hidden, per-layer block K/V).
+def _project(h: Array, w: Array, heads: int, head_dim: int) -> Array:
+    """h [B, N, T, D] @ w, split into heads: [B, N, T, heads, head_dim]."""
+    return (h @ w).reshape(*h.shape[:3], heads, head_dim)
+
+
+def _keys_values(lp: Params, cfg: Qwen3Config, h: Array, cos: Array, sin: Array, view: str
+                 ) -> tuple[Array, Array]:
+    """A layer's K (normed, rotated) and V [B, N, T, KV, hd] from its normed input h."""
+    k = _project(h, lp["k_proj" + view], cfg.num_kv_heads, cfg.head_dim)
+    v = _project(h, lp["v_proj" + view], cfg.num_kv_heads, cfg.head_dim)
+    return apply_rope(rms_norm(k, lp["k_norm" + view], cfg.rms_norm_eps), cos, sin), v
+
+
+def _queries(lp: Params, cfg: Qwen3Config, h: Array, cos: Array, sin: Array, view: str) -> Array:
+    """A layer's queries (normed, rotated) [B, N, T, H, hd] from its normed input h."""
+    q = _project(h, lp["q_proj" + view], cfg.num_heads, cfg.head_dim)
+    return apply_rope(rms_norm(q, lp["q_norm" + view], cfg.rms_norm_eps), cos, sin)
+
+
+def _layer_output(lp: Params, cfg: Qwen3Config, x: Array, attn: Array, view: str) -> Array:
+    """The rest of a layer after attention [B, N, T, H, hd]: o_proj into the residual, then the
+    MLP."""
+    x = x + attn.reshape(*x.shape[:3], cfg.q_dim) @ lp["o_proj" + view]
+    h = rms_norm(x, lp["post_attn_norm"], cfg.rms_norm_eps)
+    return x + swiglu_mlp(h, lp["gate_proj"], lp["up_proj"], lp["down_proj"])
+
+
+def _layer_params(params: Params, i: int | Array) -> Params:
+    """Layer i's weights from the stacked [layers, ...] tree or the per-layer tuple."""
+    if isinstance(params["layers"], tuple):
+        return params["layers"][i]
+    return jax.tree_util.tree_map(
+        lambda w: jax.lax.dynamic_index_in_dim(w, i, keepdims=False), params["layers"])
+
+
+def _layers(params: Params, cfg: Qwen3Config, x: Array, positions: Array,
+            prefix_k: Array | None, prefix_v: Array | None, prefix_len: Array | None,
+            causal: bool, view: str, remat: bool = False, block_mask: Array | None = None,
+            inference: bool = False, n_layers: int | None = None
+            ) -> tuple[Array, tuple[Array, Array]]:
+    """Run the first n_layers (default all) on x [B, N, T, D]; returns (residual stream, their
+    block K/V [n_layers, B, N, T, KV, hd]).
 
     prefix_k/v [layers, B, S, KV, hd] (or None: no prefix), prefix_len [B, N]: the prefix keys
     each block sees; causal / block_mask: the block part's mask (see orthrus_jax.attention).
     inference: attention loops over live key chunks only (cheapest; not reverse-differentiable).
     """
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    b, n, t, _ = x.shape
+    n_layers = cfg.num_layers if n_layers is None else n_layers
 
     def layer(x, xs):
         lp, i = xs
         h = rms_norm(x, lp["input_norm"], cfg.rms_norm_eps)
-        q = (h @ lp["q_proj" + view]).reshape(b, n, t, cfg.num_heads, cfg.head_dim)
-        k = (h @ lp["k_proj" + view]).reshape(b, n, t, cfg.num_kv_heads, cfg.head_dim)
-        v = (h @ lp["v_proj" + view]).reshape(b, n, t, cfg.num_kv_heads, cfg.head_dim)
-        q = apply_rope(rms_norm(q, lp["q_norm" + view], cfg.rms_norm_eps), cos, sin)
-        k = apply_rope(rms_norm(k, lp["k_norm" + view], cfg.rms_norm_eps), cos, sin)
+        q = _queries(lp, cfg, h, cos, sin, view)
+        k, v = _keys_values(lp, cfg, h, cos, sin, view)
         # the whole cache and the layer index: attention reads this layer's live key chunks
         # from it, with no per-layer copy of the cache
         attn = attention(q, k, v, prefix_k=prefix_k, prefix_v=prefix_v, prefix_len=prefix_len,
                          causal=causal, block_mask=block_mask, dynamic_skip=inference,
                          layer=None if prefix_k is None else i)
-        x = x + attn.reshape(b, n, t, cfg.q_dim) @ lp["o_proj" + view]
-        h = rms_norm(x, lp["post_attn_norm"], cfg.rms_norm_eps)
-        x = x + swiglu_mlp(h, lp["gate_proj"], lp["up_proj"], lp["down_proj"])
-        return x, (k, v)
+        return _layer_output(lp, cfg, x, attn, view), (k, v)
 
     if remat:
         layer = jax.checkpoint(layer)
     if isinstance(params["layers"], tuple):   # per-layer weights (params.unstack_layers)
         kvs = []
-        for i, lp in enumerate(params["layers"]):
+        for i, lp in enumerate(params["layers"][:n_layers]):
             x, layer_kv = layer(x, (lp, jnp.asarray(i, jnp.int32)))
             kvs.append(layer_kv)
         kv = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *kvs)
-    else:
+    elif n_layers == cfg.num_layers:
         x, kv = jax.lax.scan(layer, x, (params["layers"], jnp.arange(cfg.num_layers)))
+    else:  # a prefix of the stack: each layer's weights indexed in place (no sliced copy)
+        x, kv = jax.lax.scan(lambda x, i: layer(x, (_layer_params(params, i), i)), x,
+                             jnp.arange(n_layers))
+    return x, kv
+
+
+def _stack(params: Params, cfg: Qwen3Config, x: Array, positions: Array,
+           prefix_k: Array | None, prefix_v: Array | None, prefix_len: Array | None,
+           causal: bool, view: str, remat: bool = False, block_mask: Array | None = None,
+           inference: bool = False) -> tuple[Array, tuple[Array, Array]]:
+    """Run all layers on x [B, N, T, D] (see _layers); returns (final-normed hidden, per-layer
+    block K/V)."""
+    x, kv = _layers(params, cfg, x, positions, prefix_k, prefix_v, prefix_len, causal, view,
+                    remat, block_mask, inference)
     return rms_norm(x, params["final_norm"], cfg.rms_norm_eps), kv
 
 
@@ -118,6 +163,47 @@ def ar_forward(params: Params, cfg: Qwen3Config, tokens: Array, cache: KVCache,
     return hidden, write_cache(cache, new_k, new_v)
 
 
+def prefill_forward(params: Params, cfg: Qwen3Config, tokens: Array, cache: KVCache,
+                    last: Array) -> tuple[Array, KVCache]:
+    """AR prefill of tokens [B, T] at each row's length, for the one hidden state it needs.
+
+    Writes every token's K/V into the cache (length unchanged), as ar_forward does, but runs
+    the final layer's queries, attention, o_proj and MLP for one token per row only (last:
+    int [B], an index into T, the prompt's last token): the other tokens' final-layer outputs
+    feed nothing, only their K/V do. That token attends, through the same attention function,
+    to the cache (which now holds the tokens before it) and to itself. Returns (final-normed
+    hidden [B, D] of token `last`, the cache): ar_forward's hidden at `last`, with about one
+    layer's work in L saved.
+    """
+    b, t = tokens.shape
+    n = cfg.num_layers
+    positions = (cache.length[:, None] + jnp.arange(t, dtype=jnp.int32))[:, None]   # [B, 1, T]
+    x = embed(params, tokens)[:, None]
+    if n > 1:
+        x, (k, v) = _layers(params, cfg, x, positions, cache.k, cache.v, cache.length[:, None],
+                            True, AR_VIEW, inference=True, n_layers=n - 1)
+    lp = _layer_params(params, n - 1)
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    h = rms_norm(x, lp["input_norm"], cfg.rms_norm_eps)
+    k_last, v_last = _keys_values(lp, cfg, h, cos, sin, AR_VIEW)
+    if n > 1:
+        k_last, v_last = jnp.concatenate([k, k_last[None]]), jnp.concatenate([v, v_last[None]])
+    else:
+        k_last, v_last = k_last[None], v_last[None]
+    cache = write_cache(cache, k_last[:, :, 0], v_last[:, :, 0])
+
+    def pick(a: Array) -> Array:  # token `last` of each row: [B, 1, T, ...] -> [B, 1, 1, ...]
+        idx = last.astype(jnp.int32).reshape((b, 1, 1) + (1,) * (a.ndim - 3))
+        return jnp.take_along_axis(a, idx, axis=2)
+
+    q = _queries(lp, cfg, pick(h), pick(cos), pick(sin), AR_VIEW)
+    attn = attention(q, pick(k_last[-1]), pick(v_last[-1]), prefix_k=cache.k, prefix_v=cache.v,
+                     prefix_len=(cache.length + last.astype(jnp.int32))[:, None], causal=True,
+                     dynamic_skip=True, layer=jnp.asarray(n - 1, jnp.int32))
+    x = _layer_output(lp, cfg, pick(x), attn, AR_VIEW)
+    return rms_norm(x, params["final_norm"], cfg.rms_norm_eps)[:, 0, 0], cache
+
+
 def causal_forward(params: Params, cfg: Qwen3Config, tokens: Array, remat: bool = False
                    ) -> tuple[Array, Array, Array]:
     """AR view over whole rows tokens [B, L] at positions 0..L-1, with no cache (no scores
@@ -150,11 +236,11 @@ def chunked_prefill(params: Params, cfg: Qwen3Config, tokens: Array, prompt_lens
     def body(i, carry):
         cache, last = carry
         tok = jax.lax.dynamic_slice_in_dim(tokens, i * chunk, chunk, axis=1)
-        hidden, cache = ar_forward(params, cfg, tok, cache.replace(length=start + i * chunk))
         rel = last_idx - i * chunk
         here = (rel >= 0) & (rel < chunk)
-        pick = jnp.take_along_axis(hidden, jnp.clip(rel, 0, chunk - 1)[:, None, None], axis=1)
-        return cache, jnp.where(here[:, None], pick[:, 0], last)
+        hidden, cache = prefill_forward(params, cfg, tok, cache.replace(length=start + i * chunk),
+                                        jnp.clip(rel, 0, chunk - 1))
+        return cache, jnp.where(here[:, None], hidden, last)
 
     last = jnp.zeros((b, cfg.hidden_size), params["embed"].dtype)
     if n_chunks == 1:

@@ -13,7 +13,9 @@ from orthrus_jax.hf import read_hf_params
 from infer import decoder
 from infer.text import joined_prompt_ids, load_tokenizer
 from orthrus_jax import init_cache, lm_logits
-from orthrus_jax.model import ar_forward, chunked_prefill, draft_block
+from orthrus_jax.config import Qwen3Config
+from orthrus_jax.model import ar_forward, chunked_prefill, draft_block, prefill_forward
+from orthrus_jax.params import init_params, unstack_layers
 from tests.conftest import DEV_PROMPTS
 from tests.hf_fixtures import randomize_, save_hf_model
 
@@ -83,6 +85,32 @@ def test_chunked_prefill_equals_one_shot(micro_fp32):
                                    atol=1e-5)
         np.testing.assert_allclose(np.asarray(c2.v[:, r, :n]), np.asarray(c1.v[:, r, :n]),
                                    atol=1e-5)
+
+
+@pytest.mark.parametrize("layers,unstacked", [(2, False), (3, True), (1, False)])
+def test_prefill_forward_equals_ar_forward(layers, unstacked):
+    """prefill_forward (the final layer run for one token per row) gives ar_forward's hidden
+    state at that token and writes the same K/V, rows starting at ragged cache lengths over a
+    cache of random entries; stacked and per-layer weights, and a one-layer model."""
+    cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=layers,
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+    params = init_params(cfg, jax.random.PRNGKey(layers), jnp.float32)
+    if unstacked:
+        params = unstack_layers(params)
+    rng = np.random.default_rng(layers)
+    cache = init_cache(cfg, 3, 160, jnp.float32)
+    cache = cache.replace(k=jnp.asarray(rng.standard_normal(cache.k.shape), jnp.float32),
+                          v=jnp.asarray(rng.standard_normal(cache.v.shape), jnp.float32),
+                          length=jnp.asarray([0, 9, 90], jnp.int32))
+    tokens = jnp.asarray(rng.integers(2, cfg.vocab_size, (3, 40)), jnp.int32)
+    last = jnp.asarray([39, 0, 17], jnp.int32)
+    h_all, c_all = ar_forward(params, cfg, tokens, cache)
+    h, c = prefill_forward(params, cfg, tokens, cache, last)
+    ref = np.asarray(h_all)[np.arange(3), np.asarray(last)]
+    np.testing.assert_allclose(np.asarray(h), ref, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(c.k), np.asarray(c_all.k), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(c.v), np.asarray(c_all.v), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(c.length), np.asarray(cache.length))
 
 
 def test_idle_row_given_visible_zero_reads_no_cache(micro_fp32):
