@@ -273,9 +273,9 @@ def scale_caveat(machine: dict[str, Any]) -> str:
     if machine["backend"] == "cpu":
         return ("On this CPU the micro model is compute-bound: ratios transfer, absolute figures "
                 "do not.")
-    return (f"On {device_label(machine)} the micro model (4M parameters) is far too small to load "
-            "it, so fixed per-step costs dominate; absolute figures do not transfer to larger "
-            "models.")
+    return (f"Ours on {device_label(machine)}: the micro model (4M parameters) is far too small "
+            "to load that device, so fixed per-step costs dominate; absolute figures do not "
+            "transfer to larger models.")
 
 
 def have_matplotlib() -> bool:

@@ -32,8 +32,10 @@ def init_cache(cfg: Qwen3Config, batch: int, max_len: int, dtype: Any = jnp.floa
                    length=jnp.zeros((batch,), jnp.int32))
 
 
-def write_cache(cache: KVCache, new_k: jax.Array, new_v: jax.Array) -> KVCache:
-    """Write new_k/v [layers, batch, T, kv, hd] at each row's length; length is left unchanged.
+def write_cache(cache: KVCache, new_k: jax.Array, new_v: jax.Array, first_layer: int = 0
+                ) -> KVCache:
+    """Write new_k/v [layers, batch, T, kv, hd] at each row's length, into layers first_layer..
+    first_layer + layers - 1 (default all); length is left unchanged.
 
     The caller commits with `cache.replace(length=...)`. One scatter on the native layout, so XLA
     updates the buffer in place inside a while loop (a vmapped dynamic_update_slice over the
@@ -43,6 +45,7 @@ def write_cache(cache: KVCache, new_k: jax.Array, new_v: jax.Array) -> KVCache:
     b, t = new_k.shape[1], new_k.shape[2]
     rows = jnp.arange(b)[:, None]
     positions = cache.length[:, None] + jnp.arange(t)[None, :]
+    layers = slice(first_layer, first_layer + new_k.shape[0])
     return cache.replace(
-        k=cache.k.at[:, rows, positions].set(new_k.astype(cache.k.dtype), mode="drop"),
-        v=cache.v.at[:, rows, positions].set(new_v.astype(cache.v.dtype), mode="drop"))
+        k=cache.k.at[layers, rows, positions].set(new_k.astype(cache.k.dtype), mode="drop"),
+        v=cache.v.at[layers, rows, positions].set(new_v.astype(cache.v.dtype), mode="drop"))

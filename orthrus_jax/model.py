@@ -93,7 +93,8 @@ def _layers(params: Params, cfg: Qwen3Config, x: Array, positions: Array,
         kv = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *kvs)
     elif n_layers == cfg.num_layers:
         x, kv = jax.lax.scan(layer, x, (params["layers"], jnp.arange(cfg.num_layers)))
-    else:  # a prefix of the stack: each layer's weights indexed in place (no sliced copy)
+    else:  # a prefix of the stack: layer i's weights indexed per step, as the full scan
+        # does (no copy of the first n_layers of the stack)
         x, kv = jax.lax.scan(lambda x, i: layer(x, (_layer_params(params, i), i)), x,
                              jnp.arange(n_layers))
     return x, kv
@@ -172,8 +173,10 @@ def prefill_forward(params: Params, cfg: Qwen3Config, tokens: Array, cache: KVCa
     int [B], an index into T, the prompt's last token): the other tokens' final-layer outputs
     feed nothing, only their K/V do. That token attends, through the same attention function,
     to the cache (which now holds the tokens before it) and to itself. Returns (final-normed
-    hidden [B, D] of token `last`, the cache): ar_forward's hidden at `last`, with about one
-    layer's work in L saved.
+    hidden [B, D] of token `last`, the cache): ar_forward's hidden at `last`, with most of one
+    layer's work in L saved (the final layer's K/V projections still run for every token).
+    Requires cache.length + last < max_len (as every caller checks: the prompt fits the cache);
+    a token past the cache's end would miss the keys whose writes were dropped.
     """
     b, t = tokens.shape
     n = cfg.num_layers
@@ -182,22 +185,19 @@ def prefill_forward(params: Params, cfg: Qwen3Config, tokens: Array, cache: KVCa
     if n > 1:
         x, (k, v) = _layers(params, cfg, x, positions, cache.k, cache.v, cache.length[:, None],
                             True, AR_VIEW, inference=True, n_layers=n - 1)
+        cache = write_cache(cache, k[:, :, 0], v[:, :, 0])
     lp = _layer_params(params, n - 1)
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     h = rms_norm(x, lp["input_norm"], cfg.rms_norm_eps)
-    k_last, v_last = _keys_values(lp, cfg, h, cos, sin, AR_VIEW)
-    if n > 1:
-        k_last, v_last = jnp.concatenate([k, k_last[None]]), jnp.concatenate([v, v_last[None]])
-    else:
-        k_last, v_last = k_last[None], v_last[None]
-    cache = write_cache(cache, k_last[:, :, 0], v_last[:, :, 0])
+    k, v = _keys_values(lp, cfg, h, cos, sin, AR_VIEW)
+    cache = write_cache(cache, k[None, :, 0], v[None, :, 0], first_layer=n - 1)
 
     def pick(a: Array) -> Array:  # token `last` of each row: [B, 1, T, ...] -> [B, 1, 1, ...]
         idx = last.astype(jnp.int32).reshape((b, 1, 1) + (1,) * (a.ndim - 3))
         return jnp.take_along_axis(a, idx, axis=2)
 
     q = _queries(lp, cfg, pick(h), pick(cos), pick(sin), AR_VIEW)
-    attn = attention(q, pick(k_last[-1]), pick(v_last[-1]), prefix_k=cache.k, prefix_v=cache.v,
+    attn = attention(q, pick(k), pick(v), prefix_k=cache.k, prefix_v=cache.v,
                      prefix_len=(cache.length + last.astype(jnp.int32))[:, None], causal=True,
                      dynamic_skip=True, layer=jnp.asarray(n - 1, jnp.int32))
     x = _layer_output(lp, cfg, pick(x), attn, AR_VIEW)

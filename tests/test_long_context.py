@@ -87,23 +87,24 @@ def test_chunked_prefill_equals_one_shot(micro_fp32):
                                    atol=1e-5)
 
 
-@pytest.mark.parametrize("layers,unstacked", [(2, False), (3, True), (1, False)])
+@pytest.mark.parametrize("layers,unstacked", [(2, False), (3, True), (1, False), (1, True)])
 def test_prefill_forward_equals_ar_forward(layers, unstacked):
     """prefill_forward (the final layer run for one token per row) gives ar_forward's hidden
-    state at that token and writes the same K/V, rows starting at ragged cache lengths over a
-    cache of random entries; stacked and per-layer weights, and a one-layer model."""
+    state at that token and writes the same K/V: rows starting at ragged cache lengths over a
+    cache of random entries, 80 tokens (the many-query prefill branch), and a kept token whose
+    prefix crosses a 128-key decode chunk; stacked and per-layer weights, one and more layers."""
     cfg = Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=layers,
-                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=256)
+                      num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512)
     params = init_params(cfg, jax.random.PRNGKey(layers), jnp.float32)
     if unstacked:
         params = unstack_layers(params)
     rng = np.random.default_rng(layers)
-    cache = init_cache(cfg, 3, 160, jnp.float32)
+    cache = init_cache(cfg, 3, 256, jnp.float32)
     cache = cache.replace(k=jnp.asarray(rng.standard_normal(cache.k.shape), jnp.float32),
                           v=jnp.asarray(rng.standard_normal(cache.v.shape), jnp.float32),
-                          length=jnp.asarray([0, 9, 90], jnp.int32))
-    tokens = jnp.asarray(rng.integers(2, cfg.vocab_size, (3, 40)), jnp.int32)
-    last = jnp.asarray([39, 0, 17], jnp.int32)
+                          length=jnp.asarray([0, 9, 120], jnp.int32))
+    tokens = jnp.asarray(rng.integers(2, cfg.vocab_size, (3, 80)), jnp.int32)
+    last = jnp.asarray([79, 0, 30], jnp.int32)
     h_all, c_all = ar_jit(params, cfg, tokens, cache)
     h, c = jax.jit(prefill_forward, static_argnums=1)(params, cfg, tokens, cache, last)
     ref = np.asarray(h_all)[np.arange(3), np.asarray(last)]
