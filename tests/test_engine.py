@@ -202,12 +202,20 @@ def test_mixed_settings_one_compile_each_row_exact(tiny):
             assert pv > P_MIN, f"setting {j}, position {pos}: chi-square p={pv:.2g}"
 
 
-def test_process_logits_rows_matches_per_row():
+@pytest.mark.parametrize("case", ["mixed", "narrow", "wide top_k"])
+def test_process_logits_rows_matches_per_row(case):
+    """Per-row settings give process_logits' distribution row by row, whichever candidates the
+    batch takes: the narrow NARROW_CANDIDATES (every top_k fits, top_p off: they must), the cap's
+    (a top_k above them: they cannot), or either (mixed)."""
     logits = 3.0 * jax.random.normal(jax.random.PRNGKey(0), (5, 3, 1000))
     temps = jnp.array([0.7, 1.0, 0.5, 2.0, 1.0])
-    top_p = jnp.array([0.8, 0.8, 1.0, 0.95, 1.0])
-    top_k = jnp.array([20, 0, 5, 0, 0], jnp.int32)
-    rows = S.process_logits_rows(logits, temps, top_p, top_k, top_k_cap=64)
+    top_p, top_k = {
+        "mixed": ([0.8, 0.8, 1.0, 0.95, 1.0], [20, 0, 5, 0, 0]),
+        "narrow": ([1.0, 1.0, 1.0, 1.0, 1.0], [20, 0, 5, S.NARROW_CANDIDATES, 1]),
+        "wide top_k": ([0.9, 1.0, 1.0, 1.0, 0.8], [20, S.NARROW_CANDIDATES + 36, 5, 0, 0]),
+    }[case]
+    top_p, top_k = jnp.array(top_p), jnp.array(top_k, jnp.int32)
+    rows = S.process_logits_rows(logits, temps, top_p, top_k, top_k_cap=256)
     for i in range(5):
         ref = S.process_logits(logits[i], float(temps[i]), float(top_p[i]), top_k=int(top_k[i]),
                                use_top_p=float(top_p[i]) < 1.0)
