@@ -168,14 +168,22 @@ def _sample_rows(keys: Array, logprobs: Array) -> Array:
     return jax.vmap(S.sample_tokens)(keys, logprobs)
 
 
-def _pick(spec: EngineSpec, state: SlotState, keys: Array, logits: Array, any_sampled: Array
-          ) -> Array:
-    """One token per row from logits [S, V]: argmax for greedy rows, else sampled."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+def _pick(spec: EngineSpec, state: SlotState, keys: Array, logits: Array,
+          any_sampled: Array, any_greedy: Array) -> Array:
+    """One token per row from logits [S, V]: argmax for greedy rows, else sampled (each part
+    skipped when no row needs it)."""
+    greedy = _argmax_if(any_greedy, logits)
     sampled = jax.lax.cond(any_sampled,
                            lambda: _sample_rows(keys, _processed(spec, state, logits)),
                            lambda: greedy)
     return jnp.where(state.temperature > 0, sampled, greedy)
+
+
+def _argmax_if(needed: Array, logits: Array) -> Array:
+    """argmax over the last axis (int32), or zeros when `needed` is false (no greedy row: the
+    argmax over the vocabulary is skipped)."""
+    return jax.lax.cond(needed, lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32),
+                        lambda: jnp.zeros(logits.shape[:-1], jnp.int32))
 
 
 def _eos(spec: EngineSpec, tokens: Array) -> Array:
@@ -241,7 +249,8 @@ def insert_chunk_fn(params: Any, spec: EngineSpec, state: SlotState, tokens: Arr
                         top_k=req["top_k"][None])
     prompt_len = (start + n_valid).astype(jnp.int32)
     key = jax.random.fold_in(req["key"], prompt_len - 1)[None]
-    first = _pick(spec, one, key, lm_logits(params, last), req["temperature"] > 0)[0]
+    first = _pick(spec, one, key, lm_logits(params, last), req["temperature"] > 0,
+                  req["temperature"] <= 0)[0]
     done = _eos(spec, first) | (req["max_new"] <= 1)
 
     def put(arr: Array, value: Any) -> Array:
@@ -268,6 +277,7 @@ def cycle_fn(params: Any, spec: EngineSpec, state: SlotState
     k_draft, k_verify = sub[:, 0], sub[:, 1]
     sampled = state.temperature > 0
     any_sampled = jnp.any(sampled & state.active)
+    any_greedy = jnp.any(~sampled & state.active)
     n_nodes = jnp.full(state.anchor.shape, spec.nodes, jnp.int32)
     judged = jnp.zeros_like(n_nodes)
     # idle slots (parked at max_len, or still prefilling) read no cache: only the active slots'
@@ -283,7 +293,7 @@ def cycle_fn(params: Any, spec: EngineSpec, state: SlotState
         k = spec.block_size
         q_logits = lm_logits(params, draft_block(params, cfg, state.anchor, cache, k,
                                                  visible)[:, : k - 1])
-        greedy_d = jnp.argmax(q_logits, axis=-1).astype(jnp.int32)
+        greedy_d = _argmax_if(any_greedy, q_logits)
 
         def sample_drafts():
             q_lp = _processed(spec, state, q_logits)
@@ -295,7 +305,8 @@ def cycle_fn(params: Any, spec: EngineSpec, state: SlotState
         block_in = jnp.concatenate([state.anchor[:, None], drafts], axis=1)
         hidden, cache = ar_forward(params, cfg, block_in, cache, visible=visible)
         p_logits = lm_logits(params, hidden)
-        n_g, nxt_g = S.greedy_verify(drafts, p_logits)
+        n_g, nxt_g = jax.lax.cond(any_greedy, lambda: S.greedy_verify(drafts, p_logits),
+                                  lambda: (jnp.zeros_like(state.anchor),) * 2)
 
         def reject():
             one = jax.vmap(lambda kk, d, p, q: S.rejection_verify(kk, d[None], p[None], q[None]))
@@ -307,7 +318,8 @@ def cycle_fn(params: Any, spec: EngineSpec, state: SlotState
         nxt = jnp.where(sampled, nxt_s, nxt_g)
     else:
         hidden, cache = ar_forward(params, cfg, state.anchor[:, None], cache, visible=visible)
-        nxt = _pick(spec, state, k_verify, lm_logits(params, hidden[:, 0]), any_sampled)
+        nxt = _pick(spec, state, k_verify, lm_logits(params, hidden[:, 0]), any_sampled,
+                    any_greedy)
         drafts = jnp.zeros((state.anchor.shape[0], 0), jnp.int32)
         n_acc = jnp.zeros_like(nxt)
     block, n_emit, finished = S.commit_block(drafts, n_acc, nxt, state.n_out, state.max_new,
