@@ -105,12 +105,12 @@ def process_logits_rows(logits: Array, temperature: Array, top_p: Array, top_k: 
     narrow = min(NARROW_CANDIDATES, cap)
     x_n, best_n, enough_n = _top_k_rows(x, kk, p, narrow)
     if narrow < cap:
+        def narrow_candidates():  # padded to the cap's width with -inf (no mass): same shapes
+            pad = [(0, 0)] * (x.ndim - 1) + [(0, cap - narrow)]
+            return x_n, jnp.pad(best_n, pad, constant_values=-jnp.inf), enough_n
+
         fits = jnp.all((kk <= narrow) & (enough_n | ~use_p))
-        x, best, enough = jax.lax.cond(fits, lambda: (x_n, jnp.pad(best_n, [(0, 0)] * (x.ndim - 1)
-                                                                   + [(0, cap - narrow)],
-                                                                   constant_values=-jnp.inf),
-                                                      enough_n),
-                                       lambda: _top_k_rows(x, kk, p, cap))
+        x, best, enough = jax.lax.cond(fits, narrow_candidates, lambda: _top_k_rows(x, kk, p, cap))
     else:
         x, best, enough = x_n, best_n, enough_n
     thresh = jax.lax.cond(jnp.all(enough | ~use_p),
